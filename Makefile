@@ -1,0 +1,38 @@
+# Every target creates and reuses .venv on its own; running one twice installs nothing new.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+# The CPU wheel on the dev/CI machine; override for CUDA boxes (make TORCH_PIN=torch).
+TORCH_PIN ?= torch==2.13.0
+
+.PHONY: demo test test-slow lint bench clean-artifacts setup
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH_PIN)"
+	$(PY) -m pip install -q -c constraints.txt -e ".[dev]"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	HF_HUB_OFFLINE=1 $(PY) -m refusal_lightning pipeline --config configs/demo/pipeline.yaml
+
+test: $(STAMP)
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
+
+test-slow: $(STAMP)
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m slow
+
+lint: $(STAMP)
+	$(PY) -m ruff check .
+
+bench: $(STAMP)
+	$(PY) -m pip install -q -c constraints.txt -e ".[dev,bench]"
+	$(PY) scripts/bench_train.py --preset cpu-small --out artifacts/bench/train.json
+	$(PY) scripts/bench_eval.py --out artifacts/bench/eval.json
+
+clean-artifacts:
+	find artifacts -mindepth 1 ! -name README.md -exec rm -rf {} +

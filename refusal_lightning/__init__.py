@@ -1,0 +1,2 @@
+"""refusal_lightning."""
+__version__ = "0.1.0"
