@@ -1,0 +1,62 @@
+"""Loading base models and adapters, with one clear error per bad path."""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import torch
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class ModelPathError(ValueError):
+    """A model or adapter path that does not exist or lacks the files it needs."""
+
+
+def check_model_path(name_or_path: str) -> str:
+    """Return ``name_or_path`` when it is an existing folder or a plausible hub id, else raise."""
+    path = Path(os.path.expanduser(name_or_path))
+    if path.is_dir():
+        if not (path / "config.json").exists() and not (path / "tokenizer_config.json").exists():
+            raise ModelPathError(f"model path '{name_or_path}' is a folder without config.json")
+        return str(path)
+    if path.exists():
+        raise ModelPathError(f"model path '{name_or_path}' is a file, expected a model folder or hub id")
+    if _HUB_ID.match(name_or_path) and not name_or_path.startswith((".", "/", "~")):
+        return name_or_path
+    raise ModelPathError(f"model path '{name_or_path}' does not exist (not a folder, and not a hub id)")
+
+
+def check_adapter_dir(path: str) -> Path:
+    """An existing PEFT adapter folder (``adapter_config.json`` + weights), else raise."""
+    folder = Path(os.path.expanduser(path))
+    if not folder.is_dir():
+        raise ModelPathError(f"adapter dir '{path}' does not exist")
+    if not (folder / "adapter_config.json").exists():
+        raise ModelPathError(f"adapter dir '{path}' has no adapter_config.json (not a PEFT adapter folder)")
+    if not any((folder / f).exists() for f in ("adapter_model.safetensors", "adapter_model.bin")):
+        raise ModelPathError(f"adapter dir '{path}' has no adapter_model.safetensors")
+    return folder
+
+
+def load_causal_lm(name_or_path: str, dtype: str = "float32", merge_adapters: list[str] | None = None):
+    """Load a causal LM (hub id or folder) and merge the given PEFT adapters into its weights, in order."""
+    from transformers import AutoModelForCausalLM
+
+    adapters = [check_adapter_dir(a) for a in merge_adapters or []]
+    source = check_model_path(name_or_path)
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got '{dtype}'")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=DTYPES[dtype])
+    except OSError as exc:
+        raise ModelPathError(f"could not load model '{name_or_path}': {exc}") from exc
+    if adapters:
+        from peft import PeftModel
+
+        for adapter in adapters:
+            model = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
+    return model

@@ -1,0 +1,249 @@
+"""The LightningModule: a PEFT LoRA model, one shared step, logging, and the projection hooks."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import lightning as L
+import torch
+from lightning.pytorch.cli import OptimizerCallable
+
+from refusal_lightning.loading import load_causal_lm
+from refusal_lightning.projection import ProjectionConfig
+
+ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+ADAPTER_NAME = "default"
+
+
+@dataclass
+class LoRASettings:
+    """LoRA hyperparameters (PEFT ``LoraConfig``)."""
+
+    r: int = 8
+    """Rank: higher fits more, costs memory; attack and refusal ranks must match for ``lora_param`` mode."""
+    alpha: float = 16.0
+    """Scale numerator: the update is ``alpha / r * B A``."""
+    dropout: float = 0.05
+    """Dropout on the LoRA input."""
+    target_modules: list[str] = field(default_factory=lambda: list(ALL_LINEAR))
+    """Module names that get a LoRA (Qwen3: all linear layers by default)."""
+    use_rslora: bool = False
+    """Rank-stabilised scale ``alpha / sqrt(r)``."""
+
+
+def _default_optimizer(params) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(params, lr=2e-4, weight_decay=0.0)
+
+
+def _atomic_copy_tree(src: Path, dst: Path) -> None:
+    """Replace the files of ``dst`` with those of ``src`` one ``os.replace`` at a time (no torn files)."""
+    dst.mkdir(parents=True, exist_ok=True)
+    for f in src.iterdir():
+        os.replace(f, dst / f.name)
+
+
+class RefusalLoRAModule(L.LightningModule):
+    """Causal-LM LoRA fine-tuning on chat pairs, with optional refusal-direction projection."""
+
+    def __init__(
+        self,
+        model_name_or_path: str = "Qwen/Qwen3-0.6B",
+        output_dir: str = "artifacts/refusal_lora",
+        lora: LoRASettings = LoRASettings(),
+        merge_adapters: list[str] | None = None,
+        dtype: Literal["float32", "bfloat16", "float16"] = "float32",
+        gradient_checkpointing: bool = False,
+        optimizer: OptimizerCallable = _default_optimizer,
+        warmup_steps: int = 0,
+        lr_schedule: Literal["cosine", "constant"] = "cosine",
+        min_lr_ratio: float = 0.1,
+        projection: ProjectionConfig = ProjectionConfig(),
+        compile: bool = False,
+    ):
+        """
+        Args:
+            model_name_or_path: base model: a hub id (``Qwen/Qwen3-0.6B``) or a local folder.
+            output_dir: where the adapter (``save_pretrained``), ``config.yaml``, ``data_stats.json`` and
+                ``projection_stats.json`` are written, at each checkpoint and at the end of fit.
+            lora: LoRA hyperparameters of the adapter being trained.
+            merge_adapters: adapter folders merged into the base before the new LoRA is attached
+                (the attacks train on base + refusal LoRA).
+            dtype: dtype of the frozen base weights (LoRA weights stay float32); use ``bfloat16`` on GPUs.
+            gradient_checkpointing: recompute activations in backward (less memory, ~30% slower).
+            optimizer: optimizer factory over the trainable (LoRA) parameters, e.g.
+                ``{class_path: torch.optim.AdamW, init_args: {lr: 2.0e-4}}``.
+            warmup_steps: linear warmup steps of the LR schedule.
+            lr_schedule: ``cosine`` decay to ``min_lr_ratio * lr`` after warmup, or ``constant``.
+            min_lr_ratio: final LR as a fraction of the peak for ``cosine``.
+            projection: refusal-direction projection and monitoring (see projection.py).
+            compile: ``torch.compile`` the model (first steps are slow; pays off on long GPU runs).
+        """
+        super().__init__()
+        self.save_hyperparameters(ignore=["optimizer"])
+        self.output_dir = Path(output_dir)
+        self.lora = lora
+        self.optimizer_factory = optimizer
+        self.warmup_steps = warmup_steps
+        self.lr_schedule = lr_schedule
+        self.min_lr_ratio = min_lr_ratio
+        self.projection = projection
+        # Frozen weights are reloaded from model_name_or_path; checkpoints hold trainable weights only.
+        self.strict_loading = False
+        self.model = self._build_peft_model(model_name_or_path, merge_adapters or [], dtype, gradient_checkpointing)
+        if compile:
+            self.model = torch.compile(self.model)
+        self.projector = None
+        if projection.directions_path:
+            from refusal_lightning.directions import build_projector
+
+            self.projector = build_projector(projection, self.model, base_model_name=model_name_or_path)
+        self._tokens = torch.zeros((), dtype=torch.long)
+        self._last_log_time: float | None = None
+
+    def _build_peft_model(self, name: str, merge: list[str], dtype: str, checkpointing: bool):
+        from peft import LoraConfig, get_peft_model
+
+        base = load_causal_lm(name, dtype=dtype, merge_adapters=merge)
+        if checkpointing:
+            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        config = LoraConfig(r=self.lora.r, lora_alpha=self.lora.alpha, lora_dropout=self.lora.dropout,
+                            target_modules=list(self.lora.target_modules), use_rslora=self.lora.use_rslora,
+                            task_type="CAUSAL_LM")
+        return get_peft_model(base, config, adapter_name=ADAPTER_NAME)
+
+    # ----------------------------------------------------------------------------------- the step
+    def _shared_step(self, batch: dict[str, torch.Tensor], stage: str) -> torch.Tensor:
+        out = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                         labels=batch["labels"])
+        n = batch["input_ids"].shape[0]
+        self.log(f"{stage}/loss", out.loss, prog_bar=True, on_step=stage == "train",
+                 on_epoch=stage != "train", batch_size=n, sync_dist=stage != "train")
+        return out.loss
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        # Non-pad tokens stay on the device; they are read (one sync) only at log steps.
+        self._tokens = self._tokens.to(batch["attention_mask"].device) + batch["attention_mask"].sum()
+        return self._shared_step(batch, "train")
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        return self._shared_step(batch, "val")
+
+    def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        return self._shared_step(batch, "test")
+
+    def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> dict[str, torch.Tensor]:
+        """Per-example mean reply-token loss (a likelihood score for each held-out pair)."""
+        logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        labels = batch["labels"][:, 1:]
+        nll = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2).float(), labels,
+                                                ignore_index=-100, reduction="none")
+        counts = (labels != -100).sum(1).clamp(min=1)
+        return {"reply_loss": nll.sum(1) / counts}
+
+    def _is_log_step(self) -> bool:
+        return self.global_step % max(1, self.trainer.log_every_n_steps) == 0
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if not self._is_log_step():
+            return
+        now = time.perf_counter()
+        if self._last_log_time is not None:
+            tokens = self._tokens.item()  # host sync, once per log interval
+            self.log("tokens_per_s", tokens / max(now - self._last_log_time, 1e-9))
+        self._tokens.zero_()
+        self._last_log_time = now
+        self.log("lr", self.trainer.optimizers[0].param_groups[0]["lr"])
+        if self.projector is not None:
+            self.log_dict(self.projector.drift())
+
+    # ----------------------------------------------------------------------------- optimisation
+    def configure_optimizers(self) -> dict:
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        optimizer = self.optimizer_factory(params)
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        warmup, floor, schedule = self.warmup_steps, self.min_lr_ratio, self.lr_schedule
+
+        def factor(step: int) -> float:
+            if warmup and step < warmup:
+                return (step + 1) / warmup
+            if schedule == "constant":
+                return 1.0
+            progress = min(1.0, (step - warmup) / max(1, total - warmup))
+            return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def on_fit_start(self) -> None:
+        if self.projector is None:
+            return
+        self.projector.to_(self.device)
+        if self.projection.enabled and self.projection.target == "grad":
+            from lightning.pytorch.plugins.precision import MixedPrecision
+            from torch.optim.optimizer import Optimizer
+
+            plugin = self.trainer.precision_plugin
+            scaled = isinstance(plugin, MixedPrecision) and plugin.scaler is not None
+            for opt in self.trainer.optimizers:
+                fused = isinstance(opt, Optimizer) and any(g.get("fused") for g in opt.param_groups)
+                if scaled and fused:
+                    raise ValueError(
+                        f"projection target 'grad' with a fused {type(opt).__name__} under 16-mixed: its "
+                        "gradients are still loss-scaled in on_before_optimizer_step; use fused=False, "
+                        "bf16-mixed, or projection.target=update"
+                    )
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        # Lightning calls this after AMP unscaling and gradient accumulation, before clipping.
+        grads = [p.grad for p in self.model.parameters() if p.requires_grad and p.grad is not None]
+        if self.projector is not None:
+            apply = self.projection.enabled and self.projection.target == "grad"
+            stats = self.projector.project_grads_(apply=apply)
+            if self._is_log_step():
+                self.log_dict(stats)
+        if grads and self._is_log_step():
+            self.log("grad_norm", torch.linalg.vector_norm(torch.stack([g.norm() for g in grads])))
+
+    def optimizer_step(self, epoch: int, batch_idx: int, optimizer: Any, optimizer_closure: Any = None) -> None:
+        project_update = self.projector is not None and self.projection.enabled and self.projection.target == "update"
+        if project_update:
+            self.projector.snapshot_()
+        super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+        if project_update:
+            stats = self.projector.project_update_(apply=True)
+            if self._is_log_step():
+                self.log_dict({f"update/{k.split('/')[-1]}": v for k, v in stats.items()})
+
+    # ------------------------------------------------------------------------------- artefacts
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        trainable = {n for n, p in self.named_parameters() if p.requires_grad}
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
+        self.export()
+
+    def on_fit_end(self) -> None:
+        self.export()
+
+    def export(self) -> None:
+        """Write the adapter and run records into ``output_dir`` (rank zero; files replaced atomically)."""
+        if self._trainer is None or not self.trainer.is_global_zero:
+            return
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=self.output_dir.parent, prefix=".export-") as tmp:
+            staging = Path(tmp)
+            model = self.model._orig_mod if hasattr(self.model, "_orig_mod") else self.model
+            model.save_pretrained(staging)
+            (staging / "README.md").unlink(missing_ok=True)  # PEFT's stub card; `push` writes a real one
+            datamodule = getattr(self.trainer, "datamodule", None)
+            if datamodule is not None and getattr(datamodule, "stats", None):
+                datamodule.write_stats(staging)
+            if self.projector is not None:
+                summary = {"config": asdict(self.projection), **self.projector.summary()}
+                (staging / "projection_stats.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+            _atomic_copy_tree(staging, self.output_dir)
