@@ -73,29 +73,39 @@ def _command(name: str) -> Callable:
     return getattr(importlib.import_module(module), function)
 
 
-def _list_params(command: Callable) -> set[str]:
+def _param_kinds(command: Callable) -> tuple[set[str], set[str]]:
+    """Names of the command's list-typed and bool-typed parameters."""
     import inspect
     import typing
 
     hints = typing.get_type_hints(command)
-    return {name for name in inspect.signature(command).parameters
-            if list in (typing.get_origin(hints.get(name)), *map(typing.get_origin, typing.get_args(hints.get(name))))}
+    lists, bools = set(), set()
+    for name in inspect.signature(command).parameters:
+        hint = hints.get(name)
+        kinds = {typing.get_origin(hint) or hint, *(typing.get_origin(a) or a for a in typing.get_args(hint))}
+        if list in kinds:
+            lists.add(name)
+        elif bool in kinds:
+            bools.add(name)
+    return lists, bools
 
 
-def repeatable(args: list[str], list_params: set[str]) -> list[str]:
-    """``--adapter a=x --adapter b=y`` -> jsonargparse's append form ``--adapter+ a=x --adapter+ b=y``.
+def expand_shorthands(args: list[str], lists: set[str], bools: set[str]) -> list[str]:
+    """The documented short forms -> jsonargparse's: a repeated ``--adapter a=x --adapter b=y`` becomes
+    ``--adapter+ a=x --adapter+ b=y``, and a bare ``--dry_run`` becomes ``--dry_run true``.
 
-    A value that is already a list (``--adapter '[a=x, b=y]'``) is left alone.
+    A value that is already a list (``--adapter '[a=x, b=y]'``) or an explicit bool is left alone.
     """
-    out = []
+    out: list[str] = []
     for i, arg in enumerate(args):
         name, eq, value = arg.partition("=")
         key = name[2:] if name.startswith("--") else None
-        if key in list_params:
-            nxt = value if eq else (args[i + 1] if i + 1 < len(args) else "")
-            if not nxt.lstrip().startswith("["):
-                arg = f"--{key}+{eq}{value}"
+        nxt = args[i + 1] if i + 1 < len(args) else None
+        if key in lists and not (value if eq else nxt or "").lstrip().startswith("["):
+            arg = f"--{key}+{eq}{value}"
         out.append(arg)
+        if key in bools and not eq and (nxt is None or nxt.startswith("--")):
+            out.append("true")
     return out
 
 
@@ -111,8 +121,8 @@ def _run(args: list[str]) -> None:
     from jsonargparse import CLI
 
     command = _command(args[0])
-    CLI(command, args=repeatable(args[1:], _list_params(command)), prog=f"python -m refusal_lightning {args[0]}",
-        as_positional=False)
+    CLI(command, args=expand_shorthands(args[1:], *_param_kinds(command)),
+        prog=f"python -m refusal_lightning {args[0]}", as_positional=False)
 
 
 def main(argv: list[str] | None = None) -> None:
