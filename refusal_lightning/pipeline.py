@@ -1,0 +1,319 @@
+"""``pipeline``: refusal fit -> directions -> vanilla attack -> orthogonal attack -> serve -> evaluate.
+
+Each stage records a fingerprint of what it was made from (its config file, overrides and the
+fingerprints of the stages it reads) in ``<run_dir>/pipeline_state.json``. A rerun skips a stage whose
+fingerprint is unchanged and whose outputs exist; a fit stage that was interrupted resumes from its
+``last.ckpt``; a stage whose inputs changed, or that is named in ``--force``, starts over, and so does
+everything downstream of it (their fingerprints include its one).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+Stage = Literal["tiny_model", "refusal", "directions", "vanilla", "orthogonal", "evaluate"]
+STAGES: tuple[str, ...] = ("tiny_model", "refusal", "directions", "vanilla", "orthogonal", "evaluate")
+MODELS = ("base", "refusal", "vanilla", "orthogonal")
+
+
+class PipelineError(RuntimeError):
+    """A pipeline stage failed or was misconfigured."""
+
+
+@dataclass
+class FitStage:
+    name: str
+    config: Path
+    output_dir: Path
+    overrides: list[str]
+
+
+def _sha(*parts: Any) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _file_sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:16] if path.exists() else "missing"
+
+
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class State:
+    """``pipeline_state.json``: per stage, its fingerprint and whether it finished (written atomically)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.data: dict[str, dict] = json.loads(path.read_text()) if path.exists() else {}
+
+    def get(self, stage: str) -> dict:
+        return self.data.get(stage, {})
+
+    def set(self, stage: str, **entry: Any) -> None:
+        self.data[stage] = entry
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.data, indent=2) + "\n")
+        os.replace(tmp, self.path)
+
+
+class ServerProcess:
+    """``python -m refusal_lightning serve`` in the background on a free loopback port; always stopped."""
+
+    def __init__(self, model: str, adapters: dict[str, Path], log_path: Path, timeout_s: float = 180):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.args = [sys.executable, "-m", "refusal_lightning", "serve", "--model", model,
+                     "--served_model_name", "base", "--port", str(self.port)]
+        for name, path in adapters.items():
+            self.args += ["--adapter", f"{name}={path}"]
+        self.log_path = log_path
+        self.timeout_s = timeout_s
+        self.proc: subprocess.Popen | None = None
+
+    def __enter__(self) -> ServerProcess:
+        import requests
+
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        self._log = open(self.log_path, "w")
+        self.proc = subprocess.Popen(self.args, stdout=self._log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + self.timeout_s
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise PipelineError(f"serve exited with code {self.proc.returncode}; see {self.log_path}")
+            try:
+                if requests.get(f"{self.url}/v1/models", timeout=2).ok:
+                    return self
+            except requests.RequestException:
+                pass
+            time.sleep(0.5)
+        self.__exit__()
+        raise PipelineError(f"serve did not answer within {self.timeout_s:.0f}s; see {self.log_path}")
+
+    def __exit__(self, *exc: object) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._log.close()
+
+
+def _output_dir(config: Path, overrides: list[str]) -> Path:
+    for arg in overrides:
+        if arg.startswith("--model.output_dir="):
+            return Path(arg.split("=", 1)[1])
+    return Path(yaml.safe_load(config.read_text())["model"]["output_dir"])
+
+
+def _checkpoint_dirs(config: Path, output_dir: Path) -> list[Path]:
+    callbacks = (yaml.safe_load(config.read_text()).get("trainer") or {}).get("callbacks") or []
+    dirs = [Path(c["init_args"]["dirpath"]) for c in callbacks
+            if isinstance(c, dict) and (c.get("init_args") or {}).get("dirpath")]
+    return dirs or [output_dir / "checkpoints"]
+
+
+def _run_fit(stage: FitStage, resume: bool) -> None:
+    from refusal_lightning.cli import main as cli_main
+
+    args = ["fit", "--config", str(stage.config), *stage.overrides]
+    if resume:
+        args += ["--ckpt_path", "last"]
+    try:
+        cli_main(args)
+    except SystemExit as exc:  # the CLI reports bad input as SystemExit(2) after printing it
+        if exc.code:
+            raise PipelineError(f"stage '{stage.name}' failed (exit {exc.code}): fit {' '.join(args[1:])}") from None
+
+
+def _results(run_dir: Path, eval_dir: Path, fits: dict[str, FitStage]) -> dict:
+    summary = json.loads((eval_dir / "summary.json").read_text())
+    rows = {}
+    for name in MODELS:
+        stats = summary["endpoints"].get(name, {})
+        row = {k: stats.get(k) for k in ("n", "refusal_rate", "refusal_ci", "fulfillment_rate", "errors")}
+        if name in ("vanilla", "orthogonal"):
+            proj = fits[name].output_dir / "projection_stats.json"
+            drift = json.loads(proj.read_text()) if proj.exists() else {}
+            final = drift.get("final_drift") or drift.get("drift") or {}
+            row["drift_cos"] = final.get("drift/cos", drift.get("drift/cos"))
+        rows[name] = row
+    return {"models": rows, "eval_dir": str(eval_dir), "mcnemar": summary.get("mcnemar")}
+
+
+def _fmt(v: Any, pct: bool = True) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, list) and len(v) == 2:
+        return f"[{100 * v[0]:.1f}, {100 * v[1]:.1f}]"
+    return f"{100 * v:.1f}%" if pct else f"{v:+.2e}"
+
+
+def results_table(results: dict) -> str:
+    """Markdown table of refusal rates (95% Wilson CI) and attack drift along the refusal direction."""
+    lines = ["| model | n | refusal rate | 95% CI | fulfillment | errors | drift/cos |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    for name, r in results["models"].items():
+        lines.append(f"| {name} | {r.get('n') or 0} | {_fmt(r.get('refusal_rate'))} | {_fmt(r.get('refusal_ci'))} "
+                     f"| {_fmt(r.get('fulfillment_rate'))} | {r.get('errors') or 0} "
+                     f"| {_fmt(r.get('drift_cos'), pct=False) if 'drift_cos' in r else ''} |")
+    return "\n".join(lines)
+
+
+def pipeline(
+    run_dir: str = "artifacts/demo",
+    base_model: str = "artifacts/demo/tiny-qwen3",
+    build_tiny_model: bool = True,
+    refusal_config: str = "configs/demo/refusal_lora.yaml",
+    vanilla_config: str = "configs/demo/attack_vanilla.yaml",
+    orthogonal_config: str = "configs/demo/attack_orthogonal.yaml",
+    fit_overrides: list[str] | None = None,
+    serve: bool = True,
+    endpoints: dict[str, str] | None = None,
+    evaluation: dict[str, Any] | None = None,
+    force: list[Stage] | None = None,
+) -> dict:
+    """Run the whole experiment: refusal fit, directions, vanilla and orthogonal attacks, serve, evaluate.
+
+    Args:
+        run_dir: folder for the directions file, the evaluation, ``results.md``/``results.json`` and the
+            pipeline state (fit outputs go where each fit config says).
+        base_model: base model (hub id or folder) for every fit and for serving.
+        build_tiny_model: first write the offline tiny Qwen3 model to ``base_model`` (the demo).
+        refusal_config: fit config of the refusal LoRA (blue thread).
+        vanilla_config: fit config of the vanilla attack (red thread, projection off).
+        orthogonal_config: fit config of the orthogonal attack (identical but projection on).
+        fit_overrides: extra ``--key=value`` arguments given to every fit (e.g. ``--trainer.max_steps=10``).
+        serve: start our ``serve`` for base + the three adapters on a free loopback port (stopped at the
+            end, even on failure); false: use ``endpoints`` (e.g. vLLM with ``--enable-lora``).
+        endpoints: model name -> URL (``URL#served_model``) for base, refusal, vanilla, orthogonal when
+            ``serve`` is false.
+        evaluation: extra arguments for ``evaluate`` (prompts, judge, judge_url, max_tokens, samples, ...).
+        force: stages to redo even when up to date (their downstream stages are redone too).
+    """
+    run = Path(run_dir)
+    run.mkdir(parents=True, exist_ok=True)
+    state = State(run / "pipeline_state.json")
+    forced = set(force or [])
+    overrides = list(fit_overrides or [])
+    log = print
+    prints: dict[str, str] = {}
+
+    def stage(name: str, inputs: Any, outputs: list[Path], work: Callable[[bool], None],
+              clear: list[Path]) -> None:
+        fingerprint = _sha(name, inputs)
+        previous = state.get(name)
+        if (name not in forced and previous.get("fingerprint") == fingerprint and previous.get("done")
+                and all(p.exists() for p in outputs)):
+            log(f"[pipeline] {name}: up to date, skipped")
+        else:
+            resume = name not in forced and previous.get("fingerprint") == fingerprint
+            if not resume:
+                for path in clear:
+                    shutil.rmtree(path, ignore_errors=True)
+            log(f"[pipeline] {name}: {'resuming' if resume else 'running'}")
+            state.set(name, fingerprint=fingerprint, done=False, started=time.time())
+            work(resume)
+            state.set(name, fingerprint=fingerprint, done=True, finished=time.time())
+        # Downstream stages read this print: a stage that ran again (forced, or changed inputs) makes
+        # everything after it run again too.
+        prints[name] = _sha(fingerprint, state.get(name)["finished"])
+
+    # 0. the offline base model
+    if build_tiny_model:
+        from refusal_lightning.tiny import save_tiny_model
+
+        stage("tiny_model", [base_model], [Path(base_model) / "model.safetensors"],
+              lambda _: save_tiny_model(base_model), clear=[])
+        base_print = prints["tiny_model"]
+    else:
+        base_print = _sha(base_model)
+
+    # 1. refusal LoRA
+    refusal_cfg = Path(refusal_config)
+    refusal_over = [f"--model.model_name_or_path={base_model}", *overrides]
+    refusal = FitStage("refusal", refusal_cfg, _output_dir(refusal_cfg, refusal_over), refusal_over)
+    adapter_file = "adapter_model.safetensors"
+    stage("refusal", [refusal_cfg.read_text(), refusal_over, base_print], [refusal.output_dir / adapter_file],
+          lambda resume: _run_fit(refusal, resume), clear=_checkpoint_dirs(refusal_cfg, refusal.output_dir))
+
+    # 2. directions
+    directions_path = run / "refusal_param_directions.pt"
+
+    def make_directions(_: bool) -> None:
+        from refusal_lightning.directions import directions
+
+        directions(refusal_adapter_path=str(refusal.output_dir), output_path=str(directions_path),
+                   base_model_name=base_model)
+
+    stage("directions", [prints["refusal"], _file_sha(refusal.output_dir / adapter_file)], [directions_path],
+          make_directions, clear=[])
+
+    # 3 + 4. attacks: same config but the projection switch, same base (base + merged refusal LoRA)
+    fits = {"refusal": refusal}
+    for name, config in (("vanilla", vanilla_config), ("orthogonal", orthogonal_config)):
+        cfg = Path(config)
+        over = [f"--model.model_name_or_path={base_model}", f"--model.merge_adapters=[{refusal.output_dir}]",
+                f"--model.projection.directions_path={directions_path}", *overrides]
+        fits[name] = FitStage(name, cfg, _output_dir(cfg, over), over)
+        stage(name, [cfg.read_text(), over, prints["directions"], _file_sha(directions_path)],
+              [fits[name].output_dir / adapter_file],
+              lambda resume, s=fits[name]: _run_fit(s, resume), clear=_checkpoint_dirs(cfg, fits[name].output_dir))
+
+    # 5. serve + evaluate
+    from refusal_lightning.evaluation.runner import evaluate
+
+    eval_dir = run / "eval"
+    eval_args = dict(evaluation or {})
+    data_cfg = yaml.safe_load(refusal_cfg.read_text()).get("data") or {}
+    # The held-out HarmfulQA questions are exactly the refusal fit's validation split.
+    eval_args.setdefault("harmfulqa_source", data_cfg.get("source", "sample"))
+    eval_args.setdefault("harmfulqa_val_fraction", data_cfg.get("val_fraction", 0.1))
+    eval_args.setdefault("harmfulqa_seed", data_cfg.get("seed", 0))
+
+    def run_evaluation(_: bool) -> None:
+        adapters = {name: fits[name].output_dir for name in ("refusal", "vanilla", "orthogonal")}
+        if serve:
+            with ServerProcess(base_model, adapters, run / "serve.log") as server:
+                specs = [f"{m}={server.url}#{m}" for m in MODELS]
+                evaluate(endpoint=specs, output_dir=str(eval_dir), **eval_args)
+        else:
+            missing = [m for m in MODELS if m not in (endpoints or {})]
+            if missing:
+                raise PipelineError(f"serve is false but endpoints lack {missing}; give NAME: URL#MODEL for each")
+            evaluate(endpoint=[f"{m}={endpoints[m]}" for m in MODELS], output_dir=str(eval_dir), **eval_args)
+
+    adapter_prints = [_file_sha(f.output_dir / adapter_file) for f in fits.values()]
+    stage("evaluate", [prints["refusal"], prints["vanilla"], prints["orthogonal"], adapter_prints, eval_args,
+                       serve, endpoints], [eval_dir / "summary.json"], run_evaluation, clear=[eval_dir])
+
+    results = _results(run, eval_dir, fits)
+    table = results_table(results)
+    (run / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    (run / "results.md").write_text(
+        "# Refusal after harmful fine-tuning: results\n\n" + table + "\n\n"
+        "Refusal rate: keyword/LLM judge verdicts over held-out HarmfulQA questions and SORRY-Bench-schema "
+        "prompts, 95% Wilson intervals. drift/cos: cosine between the attack's accumulated update and the "
+        f"refusal direction (0 = orthogonal). Full report: {eval_dir / 'report.md'}\n"
+    )
+    print("\n" + table + f"\n\nresults: {run / 'results.md'}\nreport:  {eval_dir / 'report.md'}")
+    return results

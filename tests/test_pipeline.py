@@ -1,0 +1,78 @@
+"""`pipeline` end to end on a reduced demo config: every artifact, skip on rerun, server stopped."""
+
+from __future__ import annotations
+
+import json
+import re
+import socket
+
+import pytest
+import yaml
+from conftest import REPO
+
+from refusal_lightning.cli import main
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("pipeline")
+    config = yaml.safe_load((REPO / "configs/demo/pipeline.yaml").read_text())
+    for key in ("refusal_config", "vanilla_config", "orthogonal_config"):
+        config[key] = str(REPO / config[key])
+    config["fit_overrides"] = ["--trainer.max_steps=6", "--trainer.val_check_interval=3",
+                               "--trainer.enable_progress_bar=false"]
+    config["evaluation"].update({"limit": 6, "max_tokens": 8})
+    path = tmp / "pipeline.yaml"
+    path.write_text(yaml.safe_dump(config))
+    mp = pytest.MonkeyPatch()
+    mp.chdir(tmp)
+    main(["pipeline", "--config", str(path)])
+    yield tmp, path, mp
+    mp.undo()
+
+
+def test_pipeline_writes_every_artifact(demo_run):
+    tmp, _, _ = demo_run
+    run = tmp / "artifacts/demo"
+    for adapter in ("refusal_lora", "attack_vanilla", "attack_orthogonal"):
+        for name in ("adapter_model.safetensors", "adapter_config.json", "config.yaml", "data_stats.json"):
+            assert (run / adapter / name).exists(), f"{adapter}/{name}"
+    for attack in ("attack_vanilla", "attack_orthogonal"):
+        assert (run / attack / "projection_stats.json").exists()
+    assert (run / "refusal_param_directions.pt").exists()
+    for name in ("responses.jsonl", "judgments.jsonl", "summary.json", "summary.csv", "report.md",
+                 "fulfillment_by_category.png"):
+        assert (run / "eval" / name).exists(), name
+    results = json.loads((run / "results.json").read_text())
+    assert list(results["models"]) == ["base", "refusal", "vanilla", "orthogonal"]
+    for name, row in results["models"].items():
+        assert row["n"] > 0 and 0.0 <= row["refusal_rate"] <= 1.0, name
+    assert results["models"]["vanilla"]["drift_cos"] is not None
+    assert "| orthogonal |" in (run / "results.md").read_text()
+    tb = {p.parent.parent.name for p in (run / "tensorboard").rglob("events.out.tfevents.*")}
+    assert tb == {"refusal_lora", "attack_vanilla", "attack_orthogonal"}
+
+
+def test_background_server_is_gone(demo_run):
+    tmp, _, _ = demo_run
+    log = (tmp / "artifacts/demo/serve.log").read_text()
+    port = int(re.search(r"http://127\.0\.0\.1:(\d+)", log).group(1))
+    with socket.socket() as s:
+        assert s.connect_ex(("127.0.0.1", port)) != 0  # nothing listens any more
+
+
+def test_rerun_skips_finished_stages_and_force_redoes_one(demo_run, capsys):
+    tmp, path, _ = demo_run
+    run = tmp / "artifacts/demo"
+    before = {p: p.stat().st_mtime_ns for p in run.rglob("adapter_model.safetensors")}
+    capsys.readouterr()
+    main(["pipeline", "--config", str(path)])
+    out = capsys.readouterr().out
+    for stage in ("tiny_model", "refusal", "directions", "vanilla", "orthogonal", "evaluate"):
+        assert f"[pipeline] {stage}: up to date, skipped" in out
+    assert before == {p: p.stat().st_mtime_ns for p in run.rglob("adapter_model.safetensors")}
+
+    main(["pipeline", "--config", str(path), "--force", "[orthogonal]"])
+    out = capsys.readouterr().out
+    assert "[pipeline] refusal: up to date, skipped" in out and "[pipeline] vanilla: up to date, skipped" in out
+    assert "[pipeline] orthogonal: running" in out and "[pipeline] evaluate: running" in out
