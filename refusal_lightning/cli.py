@@ -110,6 +110,10 @@ def expand_shorthands(args: list[str], lists: set[str], bools: set[str]) -> list
 
 
 def _run(args: list[str]) -> None:
+    from jsonargparse import set_parsing_settings
+
+    # Dataclass fields (LoRASettings, ProjectionConfig) document themselves with attribute docstrings.
+    set_parsing_settings(docstring_parse_attribute_docstrings=True)
     if not args or args[0] in ("-h", "--help"):
         print(USAGE)
         return

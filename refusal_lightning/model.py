@@ -97,13 +97,14 @@ class RefusalLoRAModule(L.LightningModule):
         # Frozen weights are reloaded from model_name_or_path; checkpoints hold trainable weights only.
         self.strict_loading = False
         self.model = self._build_peft_model(model_name_or_path, merge_adapters or [], dtype, gradient_checkpointing)
+        # from_pretrained returns eval mode and Lightning keeps a module's mode: LoRA dropout needs train().
+        self.model.train()
         if compile:
             self.model = torch.compile(self.model)
-        self.projector = None
-        if projection.directions_path:
-            from refusal_lightning.directions import build_projector
+        from refusal_lightning.directions import build_projector
 
-            self.projector = build_projector(projection, self.model, base_model_name=model_name_or_path)
+        # None without a directions file; raises (listing every problem) on a bad one, before any step.
+        self.projector = build_projector(projection, self.model, base_model_name=model_name_or_path)
         self._tokens = torch.zeros((), dtype=torch.long)
         self._last_log_time: float | None = None
 
@@ -185,6 +186,11 @@ class RefusalLoRAModule(L.LightningModule):
         if self.projector is None:
             return
         self.projector.to_(self.device)
+        from lightning.pytorch.strategies import FSDPStrategy
+
+        if self.projection.enabled and isinstance(self.trainer.strategy, FSDPStrategy):
+            raise ValueError("the refusal projection needs whole LoRA tensors; FSDP shards them: use DDP "
+                             "(LoRA weights are small) or projection.enabled=false")
         if self.projection.enabled and self.projection.target == "grad":
             from lightning.pytorch.plugins.precision import MixedPrecision
             from torch.optim.optimizer import Optimizer
@@ -225,7 +231,13 @@ class RefusalLoRAModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         trainable = {n for n, p in self.named_parameters() if p.requires_grad}
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
+        if self.projector is not None:  # running removed-fraction statistics survive a resume
+            checkpoint["projector"] = self.projector.state_dict()
         self.export()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self.projector is not None and "projector" in checkpoint:
+            self.projector.load_state_dict(checkpoint["projector"])
 
     def on_fit_end(self) -> None:
         self.export()

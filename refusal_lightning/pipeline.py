@@ -231,9 +231,11 @@ def pipeline(
                 for path in clear:
                     shutil.rmtree(path, ignore_errors=True)
             log(f"[pipeline] {name}: {'resuming' if resume else 'running'}")
-            state.set(name, fingerprint=fingerprint, done=False, started=time.time())
+            started = time.time()
+            state.set(name, fingerprint=fingerprint, done=False, started=started)
             work(resume)
-            state.set(name, fingerprint=fingerprint, done=True, finished=time.time())
+            state.set(name, fingerprint=fingerprint, done=True, started=started, finished=time.time())
+            log(f"[pipeline] {name}: done in {time.time() - started:.1f}s")
         # Downstream stages read this print: a stage that ran again (forced, or changed inputs) makes
         # everything after it run again too.
         prints[name] = _sha(fingerprint, state.get(name)["finished"])
