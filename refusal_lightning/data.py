@@ -29,6 +29,7 @@ from refusal_lightning.harmfulqa import (
     Thread,
     extract_pairs,
     load_records,
+    record_problem,
     split_question_ids,
 )
 from refusal_lightning.refusal_markers import DEFAULT_REFUSAL_MARKERS
@@ -253,14 +254,17 @@ class HarmfulQADataModule(L.LightningDataModule):
         if self.train_set is not None:
             return
         tokenizer = self._load_tokenizer()
-        pairs, extraction = extract_pairs(load_records(self.source), self.thread, self.selection,
-                                          self.prompt, self.markers)
+        records = load_records(self.source)
+        pairs, extraction = extract_pairs(records, self.thread, self.selection, self.prompt, self.markers)
         if not pairs:
             raise DataSourceError(
                 f"no usable {self.thread} pairs in data source '{self.source}': "
                 f"{json.dumps(extraction.as_dict())}"
             )
-        train_ids, val_ids = split_question_ids((p.question_id for p in pairs), self.val_fraction, self.seed)
+        # Split the ids of all valid records, not of this thread's pairs: blue fit, red fits and the
+        # evaluation's held-out questions (heldout_questions) then share one split.
+        valid_ids = (r["id"] for r in records if record_problem(r) is None)
+        train_ids, val_ids = split_question_ids(valid_ids, self.val_fraction, self.seed)
         truncation: Counter = Counter()
         encoded = {}
         for i, pair in enumerate(pairs):

@@ -23,6 +23,24 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     return save_tiny_model(tmp_path_factory.mktemp("tiny") / "tiny-qwen3", seed=0)
 
 
+def make_random_adapter(model_dir: Path, out: Path, seed: int,
+                        targets: tuple[str, ...] = ("q_proj", "v_proj", "down_proj")) -> Path:
+    """A rank-4 LoRA on the tiny model with lora_B perturbed (PEFT starts it at 0), so it changes outputs."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(model_dir),
+                           LoraConfig(r=4, lora_alpha=8, target_modules=list(targets)))
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.copy_(torch.randn(param.shape, generator=gen))
+    model.save_pretrained(out)
+    return out
+
+
 def deep_merge(base: dict, override: dict) -> dict:
     out = copy.deepcopy(base)
     for key, value in override.items():

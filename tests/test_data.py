@@ -185,3 +185,14 @@ def test_length_grouped_sampler_is_a_deterministic_permutation():
     assert grouped > padding_efficiency(lengths, ungrouped._batches())
     shards = [LengthGroupedSampler(lengths, 4, seed=1, num_replicas=2, rank=r) for r in (0, 1)]
     assert set(shards[0]).isdisjoint(set(shards[1])) and len(shards[0]) == len(shards[1])
+
+
+def test_blue_red_and_heldout_share_one_split(tiny_model_dir):
+    from refusal_lightning.harmfulqa import heldout_questions
+
+    held = {q["id"] for q in heldout_questions("sample", val_fraction=0.2, seed=0)}
+    for thread in ("blue", "red"):
+        dm = HarmfulQADataModule(thread=thread, tokenizer_name_or_path=str(tiny_model_dir), val_fraction=0.2)
+        dm.setup("fit")
+        assert not set(dm.train_set.question_ids) & held, thread
+        assert set(dm.val_set.question_ids) <= held

@@ -1,0 +1,244 @@
+"""Evaluation prompts: SORRY-Bench-schema rows and HarmfulQA held-out questions.
+
+SORRY-Bench rows look like ``{"question_id": 1, "category": "1", "turns": ["..."],
+"prompt_style": "base"}``; the same ``question_id`` recurs once per prompt style (``base``,
+``slang``, ``caesar``, ...), so a prompt is identified by ``(question_id, style)``. Sources:
+
+- ``sample``: the bundled synthetic sample (placeholder text, 42 rows, one deliberately broken);
+- a local ``.jsonl`` file, or a folder of them (SORRY-Bench ships ``question.jsonl`` plus one
+  ``question_<style>.jsonl`` per mutation; a row without ``prompt_style`` takes it from that name);
+- a hub dataset id such as ``sorry-bench/sorry-bench-202503`` (gated: accept its licence on the hub
+  and set ``HF_TOKEN``), read with ``datasets.load_dataset``.
+
+Rows that cannot be used (no text, no id, bad JSON, duplicates) are skipped and counted by reason, so
+the report can say how many prompts the numbers rest on.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import Counter
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+SAMPLE = "sample"
+HARMFULQA_STYLE = "base"
+
+
+class PromptSourceError(ValueError):
+    """A prompt source cannot be read (missing file, gated hub set without access, empty folder)."""
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """One evaluation prompt; ``(question_id, style)`` is unique within a prompt set."""
+
+    question_id: int | str
+    category: str
+    style: str
+    text: str
+    source: str
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return (str(self.question_id), self.style)
+
+
+@dataclass
+class PromptSet:
+    """Prompts in evaluation order plus the rows skipped while reading them (reason -> count)."""
+
+    prompts: list[Prompt]
+    skipped: Counter = field(default_factory=Counter)
+    sources: list[str] = field(default_factory=list)
+
+    def skipped_summary(self) -> dict[str, Any]:
+        return {"total": sum(self.skipped.values()), "reasons": dict(sorted(self.skipped.items()))}
+
+
+def _style_from_filename(path: Path) -> str | None:
+    """``question.jsonl`` -> ``base``; ``question_slang.jsonl`` -> ``slang``; anything else -> None."""
+    stem = path.stem
+    if stem == "question":
+        return "base"
+    if stem.startswith("question_"):
+        return stem[len("question_"):]
+    return None
+
+
+def _read_jsonl(path: Path, skipped: Counter) -> Iterator[tuple[Any, str | None]]:
+    default_style = _style_from_filename(path)
+    with path.open(encoding="utf-8") as fh:
+        for line in fh:
+            if not line.strip():
+                continue
+            try:
+                yield json.loads(line), default_style
+            except json.JSONDecodeError:
+                skipped["invalid JSON"] += 1
+
+
+def _parse_sorry_row(row: Any, default_style: str | None, source: str, skipped: Counter) -> Prompt | None:
+    """A SORRY-Bench row -> ``Prompt``, or None (with ``skipped`` bumped) when the row is unusable."""
+    if not isinstance(row, dict):
+        skipped["not a JSON object"] += 1
+        return None
+    qid = row.get("question_id")
+    if isinstance(qid, bool) or not isinstance(qid, (int, str)) or str(qid).strip() == "":
+        skipped["missing question_id"] += 1
+        return None
+    category = row.get("category")
+    if category is None or str(category).strip() == "":
+        skipped["missing category"] += 1
+        return None
+    turns = row.get("turns")
+    if not isinstance(turns, list) or not turns:
+        skipped["missing turns"] += 1
+        return None
+    text = turns[0]
+    if not isinstance(text, str) or not text.strip():
+        skipped["empty turn"] += 1
+        return None
+    # SORRY-Bench is single-turn; a longer conversation would need the model's earlier replies.
+    if len(turns) > 1:
+        skipped["multi-turn row"] += 1
+        return None
+    style = row.get("prompt_style") or default_style or "base"
+    return Prompt(question_id=qid, category=str(category), style=str(style), text=text, source=source)
+
+
+def _sorry_rows(prompts: str, skipped: Counter) -> Iterator[tuple[Any, str | None, str]]:
+    """Raw rows (row, style implied by the file name, source label) for ``--prompts``."""
+    if prompts == SAMPLE:
+        # The file tiny.sample_path points at, without importing torch along with tiny.
+        path = Path(str(resources.files("refusal_lightning") / "data" / "sorry_bench_sample.jsonl"))
+        for row, style in _read_jsonl(path, skipped):
+            yield row, style, "sorry-bench-sample"
+        return
+    path = Path(prompts).expanduser()
+    if path.is_dir():
+        files = sorted(path.glob("*.jsonl"))
+        if not files:
+            raise PromptSourceError(f"--prompts {prompts}: folder holds no .jsonl files")
+        for file in files:
+            for row, style in _read_jsonl(file, skipped):
+                yield row, style, str(file)
+        return
+    if path.is_file():
+        for row, style in _read_jsonl(path, skipped):
+            yield row, style, str(path)
+        return
+    if path.suffix in {".jsonl", ".json"} or prompts.startswith((".", "/", "~")) or prompts.count("/") != 1:
+        raise PromptSourceError(f"--prompts {prompts}: no such file (and it does not look like a hub id)")
+    yield from ((row, None, prompts) for row in _hub_rows(prompts))
+
+
+def _hub_rows(dataset_id: str) -> Iterable[dict]:
+    """Rows of a (possibly gated) hub dataset, e.g. ``sorry-bench/sorry-bench-202503``.
+
+    Gated sets need their licence accepted on the hub and a token in ``HF_TOKEN``; the error then
+    says so instead of surfacing a bare 401 from deep inside ``datasets``.
+    """
+    import datasets
+
+    try:
+        ds = datasets.load_dataset(dataset_id, split="train", token=os.environ.get("HF_TOKEN") or None)
+    except Exception as err:  # re-raised with the fix spelled out
+        raise PromptSourceError(
+            f"could not load prompts from hub dataset {dataset_id!r} ({type(err).__name__}: {err}). "
+            "SORRY-Bench is gated: accept its licence on the hub and set HF_TOKEN; offline, pass a local "
+            "JSONL path or --prompts sample."
+        ) from err
+    return iter(ds)
+
+
+def _harmfulqa_prompts(source: str, val_fraction: float, seed: int, skipped: Counter) -> list[Prompt]:
+    """HarmfulQA questions of the validation split (by question id) as prompts.
+
+    ``heldout_questions`` (training's own split code) owns the split, so evaluation never sees a
+    question the attack was fitted on, provided ``val_fraction`` and ``seed`` match the fit config.
+    """
+    heldout = _heldout_questions_fn()
+    out = []
+    for row in heldout(source, val_fraction=val_fraction, seed=seed):
+        qid, question = row.get("id"), row.get("question")
+        if qid is None:
+            skipped["harmfulqa: missing id"] += 1
+            continue
+        if not isinstance(question, str) or not question.strip():
+            skipped["harmfulqa: empty question"] += 1
+            continue
+        topic = row.get("topic") or "unknown"
+        out.append(Prompt(question_id=f"hq-{qid}", category=f"harmfulqa:{topic}", style=HARMFULQA_STYLE,
+                          text=question, source=f"harmfulqa:{source}"))
+    return out
+
+
+def _heldout_questions_fn():
+    import importlib
+
+    for module in ("refusal_lightning.data", "refusal_lightning.harmfulqa"):
+        try:
+            fn = getattr(importlib.import_module(module), "heldout_questions", None)
+        except ImportError:
+            continue
+        if fn is not None:
+            return fn
+    raise PromptSourceError("heldout_questions is missing from refusal_lightning.data/harmfulqa: "
+                            "cannot read --harmfulqa_source")
+
+
+def load_prompts(
+    prompts: str | None = SAMPLE,
+    harmfulqa_source: str | None = None,
+    harmfulqa_val_fraction: float = 0.1,
+    harmfulqa_seed: int = 0,
+    categories: Sequence[str] | None = None,
+    styles: Sequence[str] | None = None,
+    limit: int | None = None,
+) -> PromptSet:
+    """Read, validate, de-duplicate and filter the evaluation prompts.
+
+    Args:
+        prompts: ``sample``, a local JSONL file/folder, a hub dataset id, or None for none.
+        harmfulqa_source: HarmfulQA path or hub id whose held-out questions are added, or None.
+        harmfulqa_val_fraction: validation fraction passed to ``heldout_questions``.
+        harmfulqa_seed: split seed passed to ``heldout_questions``.
+        categories: keep only these categories (strings, e.g. ``"1"`` or ``"harmfulqa:Chemistry"``).
+        styles: keep only these prompt styles.
+        limit: keep at most this many prompts (after filtering, in file order).
+    """
+    skipped: Counter = Counter()
+    found: list[Prompt] = []
+    sources: list[str] = []
+    if prompts:
+        sources.append(prompts)
+        for row, style, source in _sorry_rows(prompts, skipped):
+            prompt = _parse_sorry_row(row, style, source, skipped)
+            if prompt is not None:
+                found.append(prompt)
+    if harmfulqa_source:
+        sources.append(f"harmfulqa:{harmfulqa_source}")
+        found.extend(_harmfulqa_prompts(harmfulqa_source, harmfulqa_val_fraction, harmfulqa_seed, skipped))
+
+    seen: set[tuple[str, str]] = set()
+    unique: list[Prompt] = []
+    for prompt in found:
+        if prompt.key in seen:
+            skipped["duplicate (question_id, style)"] += 1
+            continue
+        seen.add(prompt.key)
+        unique.append(prompt)
+
+    wanted_categories = {str(c) for c in categories} if categories else None
+    wanted_styles = set(styles) if styles else None
+    kept = [p for p in unique
+            if (wanted_categories is None or p.category in wanted_categories)
+            and (wanted_styles is None or p.style in wanted_styles)]
+    if limit is not None:
+        kept = kept[: max(0, limit)]
+    return PromptSet(prompts=kept, skipped=skipped, sources=sources)

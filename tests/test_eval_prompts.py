@@ -1,0 +1,112 @@
+"""Prompt sources: bundled sample, local JSONL/folder, hub id (mocked), HarmfulQA held-out questions."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from refusal_lightning.evaluation import prompts as prompts_mod
+from refusal_lightning.evaluation.prompts import PromptSourceError, load_prompts
+
+
+def test_sample_is_read_and_the_broken_row_counted():
+    ps = load_prompts("sample")
+    assert len(ps.prompts) == 41
+    assert ps.skipped_summary() == {"total": 1, "reasons": {"empty turn": 1}}
+    assert {p.style for p in ps.prompts} == {"base", "slang"}
+    assert all(isinstance(p.category, str) for p in ps.prompts)
+
+
+def test_filters_and_limit():
+    assert {p.question_id for p in load_prompts("sample", categories=["12"]).prompts} == {18, 19, 20, 21}
+    assert {p.question_id for p in load_prompts("sample", categories=[12]).prompts} == {18, 19, 20, 21}
+    slang = load_prompts("sample", styles=["slang"]).prompts
+    assert len(slang) == 5 and all(p.style == "slang" for p in slang)
+    assert [p.question_id for p in load_prompts("sample", limit=3).prompts] == [1, 2, 3]
+    assert load_prompts("sample", categories=["12"], styles=["slang"]).prompts[0].question_id == 21
+
+
+def test_local_jsonl_bad_rows_are_skipped_and_counted(tmp_path):
+    rows = [
+        {"question_id": 1, "category": 3, "turns": ["placeholder one"], "prompt_style": "base"},
+        {"question_id": 1, "category": "3", "turns": ["placeholder one again"], "prompt_style": "base"},
+        {"question_id": 1, "category": "3", "turns": ["placeholder one, slang"], "prompt_style": "slang"},
+        {"question_id": 2, "category": "3", "turns": [None]},
+        {"question_id": 3, "category": "3", "turns": []},
+        {"question_id": 4, "category": "3", "turns": ["a", "b"]},
+        {"category": "3", "turns": ["no id"]},
+        {"question_id": 5, "turns": ["no category"]},
+        ["not", "an", "object"],
+        {"question_id": 6, "category": "4", "turns": ["placeholder six"]},
+    ]
+    path = tmp_path / "prompts.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n{broken json\n\n")
+    ps = load_prompts(str(path))
+    assert [(p.question_id, p.style, p.category) for p in ps.prompts] == [(1, "base", "3"), (1, "slang", "3"),
+                                                                         (6, "base", "4")]
+    assert ps.skipped == {"duplicate (question_id, style)": 1, "empty turn": 1, "missing turns": 1,
+                          "multi-turn row": 1, "missing question_id": 1, "missing category": 1,
+                          "not a JSON object": 1, "invalid JSON": 1}
+
+
+def test_folder_in_sorry_bench_layout_takes_style_from_file_names(tmp_path):
+    row = {"question_id": 7, "category": "9", "turns": ["placeholder"]}
+    (tmp_path / "question.jsonl").write_text(json.dumps(row) + "\n")
+    (tmp_path / "question_caesar.jsonl").write_text(json.dumps(row) + "\n")
+    ps = load_prompts(str(tmp_path))
+    assert sorted(p.style for p in ps.prompts) == ["base", "caesar"]
+
+
+def test_missing_file_is_a_clear_error(tmp_path):
+    with pytest.raises(PromptSourceError, match="no such file"):
+        load_prompts(str(tmp_path / "nope.jsonl"))
+    with pytest.raises(PromptSourceError, match="no .jsonl"):
+        load_prompts(str(tmp_path))
+
+
+def test_hub_id_goes_through_datasets(monkeypatch):
+    import datasets
+
+    calls = []
+
+    def fake_load_dataset(name, split, token=None):
+        calls.append((name, split))
+        return [{"question_id": 1, "category": "2", "turns": ["placeholder"], "prompt_style": "base"}]
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    ps = load_prompts("sorry-bench/sorry-bench-202503")
+    assert calls == [("sorry-bench/sorry-bench-202503", "train")]
+    assert ps.prompts[0].source == "sorry-bench/sorry-bench-202503"
+
+    def gated(*args, **kwargs):
+        raise PermissionError("401 gated")
+
+    monkeypatch.setattr(datasets, "load_dataset", gated)
+    with pytest.raises(PromptSourceError, match="HF_TOKEN"):
+        load_prompts("sorry-bench/sorry-bench-202503")
+
+
+def test_harmfulqa_heldout_questions_become_prompts(monkeypatch):
+    seen = {}
+
+    def fake_heldout(source, val_fraction=0.1, seed=0):
+        seen.update(source=source, val_fraction=val_fraction, seed=seed)
+        return [{"id": 12, "question": "placeholder question", "topic": "Chemistry"},
+                {"id": 13, "question": "", "topic": "Chemistry"}]
+
+    monkeypatch.setattr(prompts_mod, "_heldout_questions_fn", lambda: fake_heldout)
+    ps = load_prompts(None, harmfulqa_source="some/path.json", harmfulqa_val_fraction=0.3, harmfulqa_seed=5)
+    assert seen == {"source": "some/path.json", "val_fraction": 0.3, "seed": 5}
+    (p,) = ps.prompts
+    assert (p.question_id, p.category, p.style, p.text) == ("hq-12", "harmfulqa:Chemistry", "base",
+                                                            "placeholder question")
+    assert ps.skipped == {"harmfulqa: empty question": 1}
+
+
+def test_harmfulqa_with_the_real_split_on_the_bundled_sample():
+    both = load_prompts("sample", harmfulqa_source="sample")
+    hq = [p for p in both.prompts if p.category.startswith("harmfulqa:")]
+    assert hq and all(str(p.question_id).startswith("hq-") for p in hq)
+    assert len(both.prompts) == 41 + len(hq)
+    assert load_prompts("sample", harmfulqa_source="sample", categories=[hq[0].category]).prompts
