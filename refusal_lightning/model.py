@@ -208,14 +208,16 @@ class RefusalLoRAModule(L.LightningModule):
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         # Lightning calls this after AMP unscaling and gradient accumulation, before clipping.
-        grads = [p.grad for p in self.model.parameters() if p.requires_grad and p.grad is not None]
+        log_step = self._is_log_step()
         if self.projector is not None:
             apply = self.projection.enabled and self.projection.target == "grad"
             stats = self.projector.project_grads_(apply=apply)
-            if self._is_log_step():
+            if log_step:
                 self.log_dict(stats)
-        if grads and self._is_log_step():
-            self.log("grad_norm", torch.linalg.vector_norm(torch.stack([g.norm() for g in grads])))
+        if log_step:  # the norm is reported after projection, as the optimizer sees it
+            grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+            if grads:
+                self.log("grad_norm", torch.linalg.vector_norm(torch.stack([g.norm() for g in grads])))
 
     def optimizer_step(self, epoch: int, batch_idx: int, optimizer: Any, optimizer_closure: Any = None) -> None:
         project_update = self.projector is not None and self.projection.enabled and self.projection.target == "update"

@@ -33,6 +33,10 @@ class PipelineError(RuntimeError):
     """A pipeline stage failed or was misconfigured."""
 
 
+class _StopAfter(Exception):
+    """Raised after the ``until`` stage to end the run early."""
+
+
 @dataclass
 class FitStage:
     name: str
@@ -191,7 +195,8 @@ def pipeline(
     endpoints: dict[str, str] | None = None,
     evaluation: dict[str, Any] | None = None,
     force: list[Stage] | None = None,
-) -> dict:
+    until: Stage | None = None,
+) -> dict | None:
     """Run the whole experiment: refusal fit, directions, vanilla and orthogonal attacks, serve, evaluate.
 
     Args:
@@ -209,12 +214,23 @@ def pipeline(
             ``serve`` is false.
         evaluation: extra arguments for ``evaluate`` (prompts, judge, judge_url, max_tokens, samples, ...).
         force: stages to redo even when up to date (their downstream stages are redone too).
+        until: stop after this stage (e.g. ``orthogonal``: train everything, then start vLLM on the
+            adapters and rerun without ``until``; the finished stages are skipped).
     """
-    run = Path(run_dir)
+    try:
+        return _run_pipeline(Path(run_dir), base_model, build_tiny_model, Path(refusal_config), Path(vanilla_config),
+                             Path(orthogonal_config), list(fit_overrides or []), serve, endpoints, evaluation,
+                             set(force or []), until)
+    except _StopAfter:
+        print(f"[pipeline] stopped after '{until}' as asked")
+        return None
+
+
+def _run_pipeline(run: Path, base_model: str, build_tiny_model: bool, refusal_cfg: Path, vanilla_cfg: Path,
+                  orthogonal_cfg: Path, overrides: list[str], serve: bool, endpoints: dict[str, str] | None,
+                  evaluation: dict[str, Any] | None, forced: set[str], until: str | None) -> dict:
     run.mkdir(parents=True, exist_ok=True)
     state = State(run / "pipeline_state.json")
-    forced = set(force or [])
-    overrides = list(fit_overrides or [])
     log = print
     prints: dict[str, str] = {}
 
@@ -239,6 +255,8 @@ def pipeline(
         # Downstream stages read this print: a stage that ran again (forced, or changed inputs) makes
         # everything after it run again too.
         prints[name] = _sha(fingerprint, state.get(name)["finished"])
+        if name == until:
+            raise _StopAfter
 
     # 0. the offline base model
     if build_tiny_model:
@@ -251,7 +269,6 @@ def pipeline(
         base_print = _sha(base_model)
 
     # 1. refusal LoRA
-    refusal_cfg = Path(refusal_config)
     refusal_over = [f"--model.model_name_or_path={base_model}", *overrides]
     refusal = FitStage("refusal", refusal_cfg, _output_dir(refusal_cfg, refusal_over), refusal_over)
     adapter_file = "adapter_model.safetensors"
@@ -272,8 +289,7 @@ def pipeline(
 
     # 3 + 4. attacks: same config but the projection switch, same base (base + merged refusal LoRA)
     fits = {"refusal": refusal}
-    for name, config in (("vanilla", vanilla_config), ("orthogonal", orthogonal_config)):
-        cfg = Path(config)
+    for name, cfg in (("vanilla", vanilla_cfg), ("orthogonal", orthogonal_cfg)):
         over = [f"--model.model_name_or_path={base_model}", f"--model.merge_adapters=[{refusal.output_dir}]",
                 f"--model.projection.directions_path={directions_path}", *overrides]
         fits[name] = FitStage(name, cfg, _output_dir(cfg, over), over)

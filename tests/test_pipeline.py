@@ -72,6 +72,10 @@ def test_rerun_skips_finished_stages_and_force_redoes_one(demo_run, capsys):
         assert f"[pipeline] {stage}: up to date, skipped" in out
     assert before == {p: p.stat().st_mtime_ns for p in run.rglob("adapter_model.safetensors")}
 
+    main(["pipeline", "--config", str(path), "--until", "directions"])
+    out = capsys.readouterr().out
+    assert "stopped after 'directions'" in out and "[pipeline] vanilla" not in out
+
     main(["pipeline", "--config", str(path), "--force", "[orthogonal]"])
     out = capsys.readouterr().out
     assert "[pipeline] refusal: up to date, skipped" in out and "[pipeline] vanilla: up to date, skipped" in out

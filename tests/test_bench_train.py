@@ -1,0 +1,82 @@
+"""Smoke test of scripts/bench_train.py: the tiny preset, a few steps, the JSON contract other tools read."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+from conftest import REPO
+
+SCRIPT = REPO / "scripts" / "bench_train.py"
+MODES = ("lora_param", "delta_weight", "subspace")
+TARGETS = ("grad", "update")
+
+
+def _run(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    return subprocess.run([sys.executable, str(SCRIPT), *args], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def test_bench_train_tiny_writes_the_json_contract(tmp_path):
+    out = tmp_path / "train.json"
+    result = _run("--preset", "tiny", "--warmup", "1", "--steps", "2", "--mem", "inproc", "--out", str(out))
+    assert result.returncode == 0, result.stderr[-3000:]
+    res = json.loads(out.read_text())
+
+    assert res["preset"] == "tiny"
+    assert {"nproc", "cpu_model", "torch"} <= set(res["machine"])
+    projection_runs = [f"{m}_{t}" for m in MODES for t in TARGETS]
+    has_trl = importlib.util.find_spec("trl") is not None
+    expected = {"plain", "vanilla", *projection_runs} | ({"trl"} if has_trl else set())
+    assert set(res["runs"]) == expected, res.get("skipped")
+    for name, run in res["runs"].items():
+        assert run["tokens_per_s"] > 0 and run["step_s_median"] > 0, name
+        assert run["steps_timed"] == 2, name
+        assert "peak_mem_mb" in run, name
+    if not has_trl:
+        assert "trl" in res["skipped"]  # a clear note, not a crash
+
+    ratios = res["ratios"]
+    assert {"vanilla_vs_plain", "vanilla_vs_trl"} <= set(ratios)
+    for key in [f"{r}_vs_vanilla" for r in projection_runs]:
+        assert ratios[key] is not None and ratios[key] > 0, key
+    assert ratios["vanilla_vs_plain"] > 0
+    assert (ratios["vanilla_vs_trl"] is not None) == has_trl
+
+    assert 0.5 < res["padding_efficiency"] <= 1.0
+    assert 0 < res["directions_mem_ratio"] <= 2.0
+    assert {t["metric"] for t in res["targets"]} >= {"vanilla_vs_plain", "padding_efficiency"}
+    table = out.with_suffix(".md").read_text()
+    assert "| vanilla |" in table and "| plain |" in table
+
+
+def test_bench_train_without_trl_notes_the_skip_and_probes_memory(tmp_path):
+    """TRL missing -> a note in ``skipped``, not a crash; ``--mem probe`` measures each runner in a subprocess."""
+    fake = tmp_path / "no_trl" / "trl"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("raise ImportError('trl hidden by the test')\n")
+    out = tmp_path / "train.json"
+    env_path = os.pathsep.join([str(fake.parent), os.environ.get("PYTHONPATH", "")])
+    result = subprocess.run(
+        [sys.executable, str(SCRIPT), "--preset", "tiny", "--runners", "plain,vanilla,trl", "--warmup", "1",
+         "--steps", "2", "--mem", "probe", "--mem-steps", "1", "--out", str(out), "--md", str(tmp_path / "t.md")],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+        env={**os.environ, "PYTHONPATH": env_path, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    res = json.loads(out.read_text())
+    assert set(res["runs"]) == {"plain", "vanilla"}
+    assert "not importable" in res["skipped"]["trl"]
+    assert res["ratios"]["vanilla_vs_trl"] is None
+    for name, run in res["runs"].items():
+        assert run["peak_mem_mb"] and run["peak_mem_mb"] > 50, (name, run.get("peak_mem_error"))
+    assert "skipped" in (tmp_path / "t.md").read_text()
+
+
+def test_bench_train_help():
+    result = _run("--help", timeout=60)
+    assert result.returncode == 0
+    assert "--preset" in result.stdout and "cpu-small" in result.stdout
