@@ -23,8 +23,8 @@ demo: $(STAMP)
 test: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
 
-test-slow: $(STAMP)
-	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m slow
+test-slow: $(STAMP)  # pytest exits 5 when no test is marked slow: that is not a failure
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m slow || test $$? -eq 5
 
 lint: $(STAMP)
 	$(PY) -m ruff check .
