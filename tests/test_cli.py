@@ -127,3 +127,13 @@ def test_tiny_model_loads_with_auto_classes(tiny_model_dir: Path):
     text = tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False,
                                    add_generation_prompt=True, enable_thinking=False)
     assert text.endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")
+
+
+@pytest.mark.parametrize("config", [c for c in CONFIGS if c.endswith("pipeline.yaml")])
+def test_every_pipeline_yaml_parses(config, capsys, monkeypatch):
+    monkeypatch.chdir(REPO)
+    assert _exit_code(["pipeline", "--config", config, "--print_config"]) == 0
+    resolved = yaml.safe_load(capsys.readouterr().out)
+    for key in ("refusal_config", "vanilla_config", "orthogonal_config"):
+        assert (REPO / resolved[key]).exists(), resolved[key]
+    assert resolved["serve"] or set(resolved["endpoints"]) == {"base", "refusal", "vanilla", "orthogonal"}
