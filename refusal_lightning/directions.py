@@ -29,6 +29,7 @@ from typing import Any
 import torch
 
 from refusal_lightning import __version__
+from refusal_lightning.evaluation.store import atomic_write
 from refusal_lightning.projection import (
     GRANULARITIES,
     MODES,
@@ -198,10 +199,7 @@ def save_directions(obj: Mapping[str, Any], path: str | os.PathLike) -> Path:
     """Write a directions object atomically (``torch.save``; loadable with ``weights_only=True``)."""
     _check_format(obj, "the object to save")
     out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    torch.save(dict(obj), tmp)
-    os.replace(tmp, out)
+    atomic_write(out, lambda tmp: torch.save(dict(obj), tmp))
     return out
 
 

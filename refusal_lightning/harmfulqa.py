@@ -12,7 +12,6 @@ import json
 import math
 import os
 import random
-import re
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -20,6 +19,7 @@ from pathlib import Path
 from typing import Literal
 
 from refusal_lightning.refusal_markers import DEFAULT_REFUSAL_MARKERS, refusal_score
+from refusal_lightning.samples import looks_like_hub_id, sample_path
 
 Thread = Literal["blue", "red"]
 Selection = Literal["most_indicative", "last", "all"]
@@ -28,7 +28,6 @@ PromptMode = Literal["question", "turn", "history"]
 HARMFULQA_HUB_ID = "declare-lab/HarmfulQA"
 SAMPLE_SOURCE = "sample"
 REQUIRED_KEYS = ("id", "question", "blue_conversations", "red_conversations")
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _ROLES = {"human": "user", "gpt": "assistant"}
 
 
@@ -70,14 +69,11 @@ class ExtractionStats:
 def resolve_source(source: str) -> str | Path:
     """``"sample"`` -> the bundled sample; an existing path -> Path; a hub id -> the id; else an error."""
     if source == SAMPLE_SOURCE:
-        from refusal_lightning.tiny import sample_path
-
         return sample_path("harmfulqa_sample.json")
     path = Path(os.path.expanduser(source))
     if path.exists():
         return path
-    looks_local = source.startswith((".", "/", "~")) or path.suffix in (".json", ".jsonl", ".parquet")
-    if _HUB_ID.match(source) and not looks_local:
+    if looks_like_hub_id(source) and path.suffix not in (".json", ".jsonl", ".parquet"):
         return source
     raise DataSourceError(f"data source '{source}' does not exist (not a local file, and not a hub id)")
 

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import os
-import re
 from pathlib import Path
 
 import torch
 
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+from refusal_lightning.samples import looks_like_hub_id
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -25,7 +25,7 @@ def check_model_path(name_or_path: str) -> str:
         return str(path)
     if path.exists():
         raise ModelPathError(f"model path '{name_or_path}' is a file, expected a model folder or hub id")
-    if _HUB_ID.match(name_or_path) and not name_or_path.startswith((".", "/", "~")):
+    if looks_like_hub_id(name_or_path):
         return name_or_path
     raise ModelPathError(f"model path '{name_or_path}' does not exist (not a folder, and not a hub id)")
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import socket
 import subprocess
@@ -23,6 +22,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
+
+from refusal_lightning.evaluation.store import atomic_write_text
 
 Stage = Literal["tiny_model", "refusal", "directions", "vanilla", "orthogonal", "evaluate"]
 STAGES: tuple[str, ...] = ("tiny_model", "refusal", "directions", "vanilla", "orthogonal", "evaluate")
@@ -72,10 +73,7 @@ class State:
 
     def set(self, stage: str, **entry: Any) -> None:
         self.data[stage] = entry
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.data, indent=2) + "\n")
-        os.replace(tmp, self.path)
+        atomic_write_text(self.path, json.dumps(self.data, indent=2) + "\n")
 
 
 class ServerProcess:
@@ -149,7 +147,7 @@ def _run_fit(stage: FitStage, resume: bool) -> None:
             raise PipelineError(f"stage '{stage.name}' failed (exit {exc.code}): fit {' '.join(args[1:])}") from None
 
 
-def _results(run_dir: Path, eval_dir: Path, fits: dict[str, FitStage]) -> dict:
+def _results(eval_dir: Path, fits: dict[str, FitStage]) -> dict:
     summary = json.loads((eval_dir / "summary.json").read_text())
     rows = {}
     for name in MODELS:
@@ -157,9 +155,8 @@ def _results(run_dir: Path, eval_dir: Path, fits: dict[str, FitStage]) -> dict:
         row = {k: stats.get(k) for k in ("n", "refusal_rate", "refusal_ci", "fulfillment_rate", "errors")}
         if name in ("vanilla", "orthogonal"):
             proj = fits[name].output_dir / "projection_stats.json"
-            drift = json.loads(proj.read_text()) if proj.exists() else {}
-            final = drift.get("final_drift") or drift.get("drift") or {}
-            row["drift_cos"] = final.get("drift/cos", drift.get("drift/cos"))
+            stats_file = json.loads(proj.read_text()) if proj.exists() else {}
+            row["drift_cos"] = stats_file.get("drift/cos")  # Projector.summary()'s final drift
         rows[name] = row
     return {"models": rows, "eval_dir": str(eval_dir), "mcnemar": summary.get("mcnemar")}
 
@@ -324,7 +321,7 @@ def _run_pipeline(run: Path, base_model: str, build_tiny_model: bool, refusal_cf
     stage("evaluate", [prints["refusal"], prints["vanilla"], prints["orthogonal"], adapter_prints, eval_args,
                        serve, endpoints], [eval_dir / "summary.json"], run_evaluation, clear=[eval_dir])
 
-    results = _results(run, eval_dir, fits)
+    results = _results(eval_dir, fits)
     table = results_table(results)
     (run / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     (run / "results.md").write_text(

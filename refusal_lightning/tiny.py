@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable, Iterator
-from importlib import resources
 from pathlib import Path
 
 import torch
+
+from refusal_lightning.samples import sample_path
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"]
 
@@ -38,11 +39,6 @@ CHAT_TEMPLATE = (
     "{%- endif -%}"
     "{%- endif -%}"
 )
-
-
-def sample_path(name: str) -> Path:
-    """Path of a bundled sample file (``harmfulqa_sample.json``, ``sorry_bench_sample.jsonl``)."""
-    return Path(str(resources.files("refusal_lightning") / "data" / name))
 
 
 def _corpus() -> Iterator[str]:

@@ -95,7 +95,7 @@ def test_harmfulqa_heldout_questions_become_prompts(monkeypatch):
         return [{"id": 12, "question": "placeholder question", "topic": "Chemistry"},
                 {"id": 13, "question": "", "topic": "Chemistry"}]
 
-    monkeypatch.setattr(prompts_mod, "_heldout_questions_fn", lambda: fake_heldout)
+    monkeypatch.setattr(prompts_mod, "heldout_questions", fake_heldout)
     ps = load_prompts(None, harmfulqa_source="some/path.json", harmfulqa_val_fraction=0.3, harmfulqa_seed=5)
     assert seen == {"source": "some/path.json", "val_fraction": 0.3, "seed": 5}
     (p,) = ps.prompts

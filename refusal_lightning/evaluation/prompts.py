@@ -21,9 +21,11 @@ import os
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from importlib import resources
 from pathlib import Path
 from typing import Any
+
+from refusal_lightning.harmfulqa import heldout_questions
+from refusal_lightning.samples import sample_path
 
 SAMPLE = "sample"
 HARMFULQA_STYLE = "base"
@@ -114,8 +116,7 @@ def _parse_sorry_row(row: Any, default_style: str | None, source: str, skipped: 
 def _sorry_rows(prompts: str, skipped: Counter) -> Iterator[tuple[Any, str | None, str]]:
     """Raw rows (row, style implied by the file name, source label) for ``--prompts``."""
     if prompts == SAMPLE:
-        # The file tiny.sample_path points at, without importing torch along with tiny.
-        path = Path(str(resources.files("refusal_lightning") / "data" / "sorry_bench_sample.jsonl"))
+        path = sample_path("sorry_bench_sample.jsonl")
         for row, style in _read_jsonl(path, skipped):
             yield row, style, "sorry-bench-sample"
         return
@@ -162,9 +163,8 @@ def _harmfulqa_prompts(source: str, val_fraction: float, seed: int, skipped: Cou
     ``heldout_questions`` (training's own split code) owns the split, so evaluation never sees a
     question the attack was fitted on, provided ``val_fraction`` and ``seed`` match the fit config.
     """
-    heldout = _heldout_questions_fn()
     out = []
-    for row in heldout(source, val_fraction=val_fraction, seed=seed):
+    for row in heldout_questions(source, val_fraction=val_fraction, seed=seed):
         qid, question = row.get("id"), row.get("question")
         if qid is None:
             skipped["harmfulqa: missing id"] += 1
@@ -176,20 +176,6 @@ def _harmfulqa_prompts(source: str, val_fraction: float, seed: int, skipped: Cou
         out.append(Prompt(question_id=f"hq-{qid}", category=f"harmfulqa:{topic}", style=HARMFULQA_STYLE,
                           text=question, source=f"harmfulqa:{source}"))
     return out
-
-
-def _heldout_questions_fn():
-    import importlib
-
-    for module in ("refusal_lightning.data", "refusal_lightning.harmfulqa"):
-        try:
-            fn = getattr(importlib.import_module(module), "heldout_questions", None)
-        except ImportError:
-            continue
-        if fn is not None:
-            return fn
-    raise PromptSourceError("heldout_questions is missing from refusal_lightning.data/harmfulqa: "
-                            "cannot read --harmfulqa_source")
 
 
 def load_prompts(
