@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 # The CPU wheel on the dev/CI machine; override for CUDA boxes (make TORCH_PIN=torch).
 TORCH_PIN ?= torch==2.13.0
 
-.PHONY: demo test test-slow lint bench clean-artifacts setup
+.PHONY: demo smoke test test-slow lint bench clean-artifacts setup
 
 setup: $(STAMP)
 
@@ -18,7 +18,10 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $(STAMP)
 
 demo: $(STAMP)
-	HF_HUB_OFFLINE=1 $(PY) -m refusal_lightning pipeline --config configs/demo/pipeline.yaml
+	HF_HUB_OFFLINE=1 $(PY) -m refusal_lightning pipeline --config configs/tiny/pipeline.yaml
+
+smoke: $(STAMP)
+	HF_HUB_OFFLINE=1 $(PY) -m refusal_lightning pipeline --config configs/tiny/pipeline.yaml
 
 test: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q

@@ -181,12 +181,12 @@ def results_table(results: dict) -> str:
 
 
 def pipeline(
-    run_dir: str = "artifacts/demo",
-    base_model: str = "artifacts/demo/tiny-qwen3",
+    run_dir: str = "artifacts/tiny",
+    base_model: str = "artifacts/tiny/tiny-qwen3",
     build_tiny_model: bool = True,
-    refusal_config: str = "configs/demo/refusal_lora.yaml",
-    vanilla_config: str = "configs/demo/attack_vanilla.yaml",
-    orthogonal_config: str = "configs/demo/attack_orthogonal.yaml",
+    refusal_config: str = "configs/tiny/refusal_lora.yaml",
+    vanilla_config: str = "configs/tiny/attack_vanilla.yaml",
+    orthogonal_config: str = "configs/tiny/attack_orthogonal.yaml",
     fit_overrides: list[str] | None = None,
     serve: bool = True,
     endpoints: dict[str, str] | None = None,

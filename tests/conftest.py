@@ -51,7 +51,7 @@ def deep_merge(base: dict, override: dict) -> dict:
     return out
 
 
-def write_fit_config(tmp_path: Path, model_dir: Path, name: str = "run", base: str = "configs/demo/refusal_lora.yaml",
+def write_fit_config(tmp_path: Path, model_dir: Path, name: str = "run", base: str = "configs/tiny/refusal_lora.yaml",
                      **overrides) -> Path:
     """A copy of a shipped demo config with every output under tmp_path and ``overrides`` merged in."""
     config = yaml.safe_load((REPO / base).read_text())

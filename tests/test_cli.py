@@ -43,7 +43,7 @@ def test_every_fit_yaml_parses(config, capsys, monkeypatch):
     assert resolved["data"]["thread"] in ("blue", "red") and resolved["trainer"]["callbacks"]
 
 
-@pytest.mark.parametrize("folder", ["configs", "configs/demo"])
+@pytest.mark.parametrize("folder", ["configs", "configs/tiny"])
 def test_attack_configs_differ_only_in_projection_switch_and_names(folder):
     def flat(d, prefix=""):
         items = d.items() if isinstance(d, dict) else enumerate(d) if isinstance(d, list) else None

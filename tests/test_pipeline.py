@@ -16,7 +16,7 @@ from refusal_lightning.cli import main
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("pipeline")
-    config = yaml.safe_load((REPO / "configs/demo/pipeline.yaml").read_text())
+    config = yaml.safe_load((REPO / "configs/tiny/pipeline.yaml").read_text())
     for key in ("refusal_config", "vanilla_config", "orthogonal_config"):
         config[key] = str(REPO / config[key])
     config["fit_overrides"] = ["--trainer.max_steps=6", "--trainer.val_check_interval=3",
@@ -33,7 +33,7 @@ def demo_run(tmp_path_factory):
 
 def test_pipeline_writes_every_artifact(demo_run):
     tmp, _, _ = demo_run
-    run = tmp / "artifacts/demo"
+    run = tmp / "artifacts/tiny"
     for adapter in ("refusal_lora", "attack_vanilla", "attack_orthogonal"):
         for name in ("adapter_model.safetensors", "adapter_config.json", "config.yaml", "data_stats.json"):
             assert (run / adapter / name).exists(), f"{adapter}/{name}"
@@ -55,7 +55,7 @@ def test_pipeline_writes_every_artifact(demo_run):
 
 def test_background_server_is_gone(demo_run):
     tmp, _, _ = demo_run
-    log = (tmp / "artifacts/demo/serve.log").read_text()
+    log = (tmp / "artifacts/tiny/serve.log").read_text()
     port = int(re.search(r"http://127\.0\.0\.1:(\d+)", log).group(1))
     with socket.socket() as s:
         assert s.connect_ex(("127.0.0.1", port)) != 0  # nothing listens any more
@@ -63,7 +63,7 @@ def test_background_server_is_gone(demo_run):
 
 def test_rerun_skips_finished_stages_and_force_redoes_one(demo_run, capsys):
     tmp, path, _ = demo_run
-    run = tmp / "artifacts/demo"
+    run = tmp / "artifacts/tiny"
     before = {p: p.stat().st_mtime_ns for p in run.rglob("adapter_model.safetensors")}
     capsys.readouterr()
     main(["pipeline", "--config", str(path)])
