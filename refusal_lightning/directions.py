@@ -21,7 +21,7 @@ import logging
 import math
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -39,6 +39,7 @@ from refusal_lightning.projection import (
     Projector,
     module_directions,
 )
+from refusal_lightning.stacking import pattern_value
 
 FORMAT = "refusal_lightning.param_directions"
 VERSION = 1
@@ -59,14 +60,6 @@ class DirectionsError(ValueError):
 
 
 # ------------------------------------------------------------------------------------- computing
-def _pattern_value(pattern: Mapping[str, Any], module: str, default: Any) -> Any:
-    """PEFT's ``rank_pattern``/``alpha_pattern`` lookup: a key matches a suffix of the module path."""
-    for key, value in pattern.items():
-        if re.match(rf"(.*\.)?({key})$", module):
-            return value
-    return default
-
-
 def _sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with path.open("rb") as f:
@@ -140,10 +133,10 @@ def compute_directions(adapter_dir: str | os.PathLike, base_model_name: str | No
             problems.append(f"{name}: lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)} are not a pair")
             continue
         r = a.shape[0]
-        expected_r = _pattern_value(rank_pattern, name, config.get("r", r))
+        expected_r = pattern_value(rank_pattern, name, config.get("r", r))
         if expected_r != r:
             problems.append(f"{name}: weights have rank {r}, adapter_config.json says {expected_r}")
-        alpha = float(_pattern_value(alpha_pattern, name, config.get("lora_alpha", r)))
+        alpha = float(pattern_value(alpha_pattern, name, config.get("lora_alpha", r)))
         scale = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
         modules[name] = module_directions(a, b, scale, k_max)
         modules[name]["alpha"] = alpha
@@ -289,8 +282,8 @@ def _listed(names: list[str]) -> str:
     return ", ".join(names[:_MAX_LISTED]) + more
 
 
-def build_projector(cfg: ProjectionConfig, model: torch.nn.Module, base_model_name: str
-                    ) -> Projector | None:
+def build_projector(cfg: ProjectionConfig, model: torch.nn.Module, base_model_name: str,
+                    base_adapters: Sequence[str] = ()) -> Projector | None:
     """Load ``cfg.directions_path``, check it against the attack model, and build the projector.
 
     Every problem is collected and raised at once as a ``DirectionsError`` before any training step.
@@ -300,6 +293,8 @@ def build_projector(cfg: ProjectionConfig, model: torch.nn.Module, base_model_na
         cfg: projection settings.
         model: the attack model carrying a PEFT LoRA adapter named ``default`` (any wrapper around it).
         base_model_name: the attack's base model (hub id or folder), compared with the directions'.
+        base_adapters: the frozen adapters the attack trains on (``model.merge_adapters``); when given,
+            one of them must be the very adapter (same sha256) the directions were computed from.
     """
     problems: list[str] = []
     if cfg.directions_path is None:
@@ -335,6 +330,15 @@ def build_projector(cfg: ProjectionConfig, model: torch.nn.Module, base_model_na
         if not same_base_model(str(meta.get("base_model")), base_model_name):
             problems.append(f"directions were computed for base model '{meta.get('base_model')}', but the "
                             f"attack model is '{base_model_name}'")
+        want = meta.get("adapter_sha256")
+        if base_adapters and want:
+            files = [Path(a).expanduser() / WEIGHTS_FILE for a in base_adapters]
+            if want not in {_sha256(f) for f in files if f.is_file()}:
+                problems.append(
+                    f"model.merge_adapters ({', '.join(map(str, base_adapters))}) does not hold the adapter the "
+                    f"directions were computed from ({meta.get('adapter_path')}, sha256 {want[:12]}...): the "
+                    "attack would train on a different refusal model than the one it is projected against; "
+                    "recompute the directions from the adapter in merge_adapters")
         shape_bad, rank_bad, k_bad = [], [], []
         for name, target in found:
             key = _direction_key(name, modules)

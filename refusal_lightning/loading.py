@@ -42,21 +42,15 @@ def check_adapter_dir(path: str) -> Path:
     return folder
 
 
-def load_causal_lm(name_or_path: str, dtype: str = "float32", merge_adapters: list[str] | None = None):
-    """Load a causal LM (hub id or folder) and merge the given PEFT adapters into its weights, in order."""
+def load_causal_lm(name_or_path: str, dtype: str = "float32"):
+    """Load a causal LM (hub id or folder) in ``dtype``; adapters are applied by the caller, never merged
+    here (a merge into a bf16 base would round most of a small LoRA update away)."""
     from transformers import AutoModelForCausalLM
 
-    adapters = [check_adapter_dir(a) for a in merge_adapters or []]
     source = check_model_path(name_or_path)
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got '{dtype}'")
     try:
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=DTYPES[dtype])
+        return AutoModelForCausalLM.from_pretrained(source, dtype=DTYPES[dtype])
     except OSError as exc:
         raise ModelPathError(f"could not load model '{name_or_path}': {exc}") from exc
-    if adapters:
-        from peft import PeftModel
-
-        for adapter in adapters:
-            model = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
-    return model

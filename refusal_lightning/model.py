@@ -15,8 +15,9 @@ import lightning as L
 import torch
 from lightning.pytorch.cli import OptimizerCallable
 
-from refusal_lightning.loading import load_causal_lm
+from refusal_lightning.loading import check_adapter_dir, load_causal_lm
 from refusal_lightning.projection import ProjectionConfig
+from refusal_lightning.stacking import COMBINED_DIR, combine_adapters, replace_dir
 
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 ADAPTER_NAME = "default"
@@ -46,7 +47,35 @@ def _atomic_copy_tree(src: Path, dst: Path) -> None:
     """Replace the files of ``dst`` with those of ``src`` one ``os.replace`` at a time (no torn files)."""
     dst.mkdir(parents=True, exist_ok=True)
     for f in src.iterdir():
-        os.replace(f, dst / f.name)
+        if f.is_dir():
+            replace_dir(f, dst / f.name)
+        else:
+            os.replace(f, dst / f.name)
+
+
+def stack_frozen_adapters(base: torch.nn.Module, frozen: list[str], config: Any) -> torch.nn.Module:
+    """``base`` + ``frozen`` LoRA adapters (unmerged, no grad, no dropout) + a new trainable ``default`` LoRA.
+
+    All adapters are active at once, so the forward pass is ``W0 x + sum_i s_i B_i A_i x``: the model the
+    combined adapter (``stacking.combine_adapters``) reproduces on the plain base.
+    """
+    from peft import PeftModel
+    from peft.tuners.lora import LoraLayer
+
+    names = [f"frozen_{i}" for i in range(len(frozen))]
+    model = PeftModel.from_pretrained(base, frozen[0], adapter_name=names[0], is_trainable=False)
+    for name, path in zip(names[1:], frozen[1:], strict=True):
+        model.load_adapter(path, adapter_name=name, is_trainable=False)
+    model.add_adapter(ADAPTER_NAME, config)
+    model.base_model.set_adapter([*names, ADAPTER_NAME])  # PEFT marks every active adapter trainable
+    for module in model.modules():
+        if isinstance(module, LoraLayer):
+            for name in names:
+                if name in module.lora_A:
+                    module.lora_A[name].requires_grad_(False)
+                    module.lora_B[name].requires_grad_(False)
+                    module.lora_dropout[name] = torch.nn.Identity()  # evaluation applies them without dropout
+    return model
 
 
 class RefusalLoRAModule(L.LightningModule):
@@ -73,8 +102,11 @@ class RefusalLoRAModule(L.LightningModule):
             output_dir: where the adapter (``save_pretrained``), ``config.yaml``, ``data_stats.json`` and
                 ``projection_stats.json`` are written, at each checkpoint and at the end of fit.
             lora: LoRA hyperparameters of the adapter being trained.
-            merge_adapters: adapter folders merged into the base before the new LoRA is attached
-                (the attacks train on base + refusal LoRA).
+            merge_adapters: adapter folders applied beneath the new LoRA, frozen and unmerged (the attacks
+                train on base + refusal LoRA). Unmerged, they act exactly as a server applies them, in
+                any base dtype (a bf16 merge would round most of a small refusal update away). With
+                these set, the export also writes ``output_dir/combined``: one adapter equal to all of
+                them plus the trained one, which is the model to evaluate on the plain base.
             dtype: dtype of the frozen base weights (LoRA weights stay float32); use ``bfloat16`` on GPUs.
             gradient_checkpointing: recompute activations in backward (less memory, ~30% slower).
             optimizer: optimizer factory over the trainable (LoRA) parameters, e.g.
@@ -96,7 +128,8 @@ class RefusalLoRAModule(L.LightningModule):
         self.projection = projection
         # Frozen weights are reloaded from model_name_or_path; checkpoints hold trainable weights only.
         self.strict_loading = False
-        self.model = self._build_peft_model(model_name_or_path, merge_adapters or [], dtype, gradient_checkpointing)
+        self.frozen_adapters = [str(check_adapter_dir(a)) for a in merge_adapters or []]
+        self.model = self._build_peft_model(model_name_or_path, self.frozen_adapters, dtype, gradient_checkpointing)
         # from_pretrained returns eval mode and Lightning keeps a module's mode: LoRA dropout needs train().
         self.model.train()
         if compile:
@@ -104,20 +137,23 @@ class RefusalLoRAModule(L.LightningModule):
         from refusal_lightning.directions import build_projector
 
         # None without a directions file; raises (listing every problem) on a bad one, before any step.
-        self.projector = build_projector(projection, self.model, base_model_name=model_name_or_path)
+        self.projector = build_projector(projection, self.model, base_model_name=model_name_or_path,
+                                         base_adapters=self.frozen_adapters)
         self._tokens = torch.zeros((), dtype=torch.long)
         self._last_log_time: float | None = None
 
-    def _build_peft_model(self, name: str, merge: list[str], dtype: str, checkpointing: bool):
+    def _build_peft_model(self, name: str, frozen: list[str], dtype: str, checkpointing: bool):
         from peft import LoraConfig, get_peft_model
 
-        base = load_causal_lm(name, dtype=dtype, merge_adapters=merge)
+        base = load_causal_lm(name, dtype=dtype)
         if checkpointing:
             base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         config = LoraConfig(r=self.lora.r, lora_alpha=self.lora.alpha, lora_dropout=self.lora.dropout,
                             target_modules=list(self.lora.target_modules), use_rslora=self.lora.use_rslora,
                             task_type="CAUSAL_LM")
-        return get_peft_model(base, config, adapter_name=ADAPTER_NAME)
+        if not frozen:
+            return get_peft_model(base, config, adapter_name=ADAPTER_NAME)
+        return stack_frozen_adapters(base, frozen, config)
 
     # ----------------------------------------------------------------------------------- the step
     def _shared_step(self, batch: dict[str, torch.Tensor], stage: str) -> torch.Tensor:
@@ -210,8 +246,9 @@ class RefusalLoRAModule(L.LightningModule):
         # Lightning calls this after AMP unscaling and gradient accumulation, before clipping.
         log_step = self._is_log_step()
         if self.projector is not None:
-            apply = self.projection.enabled and self.projection.target == "grad"
-            stats = self.projector.project_grads_(apply=apply)
+            # target "update" projects the gradient too, so Adam's moments are fed what the parameters
+            # may follow; the update projection then removes what Adam's per-coordinate scaling re-adds.
+            stats = self.projector.project_grads_(apply=self.projection.enabled)
             if log_step:
                 self.log_dict(stats)
         if log_step:  # the norm is reported after projection, as the optimizer sees it
@@ -252,12 +289,15 @@ class RefusalLoRAModule(L.LightningModule):
         with tempfile.TemporaryDirectory(dir=self.output_dir.parent, prefix=".export-") as tmp:
             staging = Path(tmp)
             model = self.model._orig_mod if hasattr(self.model, "_orig_mod") else self.model
-            model.save_pretrained(staging)
+            model.save_pretrained(staging, selected_adapters=[ADAPTER_NAME])
             (staging / "README.md").unlink(missing_ok=True)  # PEFT's stub card; `push` writes a real one
             datamodule = getattr(self.trainer, "datamodule", None)
             if datamodule is not None and getattr(datamodule, "stats", None):
                 datamodule.write_stats(staging)
             if self.projector is not None:
-                summary = {"config": asdict(self.projection), **self.projector.summary()}
+                summary = {"config": asdict(self.projection), **self.projector.summary(),
+                           "drift/cos_chance": self.projector.chance_cos()}
                 (staging / "projection_stats.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+            if self.frozen_adapters:  # what was trained: base + frozen adapters + this one, as one adapter
+                combine_adapters([*self.frozen_adapters, staging], staging / COMBINED_DIR)
             _atomic_copy_tree(staging, self.output_dir)

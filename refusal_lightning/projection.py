@@ -514,14 +514,20 @@ class Projector:
         ``drift/cos = <dW_acc, D> / ||dW_acc||`` and ``drift/along = <dW_acc, D>`` (signed).
         """
         self._follow_params()
-        inner, sq = [], []
+        stacks = []
         for g in self._groups:
-            dtype = g.dtype
-            a = _stack([p.detach() for p in g.A_params], dtype)
-            b = _stack([p.detach() for p in g.B_params], dtype)
+            a = _stack([p.detach() for p in g.A_params], g.dtype)
+            b = _stack([p.detach() for p in g.B_params], g.dtype)
             if g.init is not None:  # B A - B0 A0 = [B - B0, B0] @ [A; A - A0]: exactly 0 at the start
                 a0, b0 = g.init
                 a, b = torch.cat([a, a - a0], 1), torch.cat([b - b0, b0], 2)
+            stacks.append((a, b))
+        return self._drift_of(stacks)
+
+    def _drift_of(self, stacks: list[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        """``drift/cos`` and ``drift/along`` of ``sum_m s_a B_m A_m`` given stacked ``(A, B)`` per group."""
+        inner, sq = [], []
+        for g, (a, b) in zip(self._groups, stacks, strict=True):
             left, right_t, w = g.ref
             s = g.s_a
             inner.append((s * ((b.mT @ left) * w[:, None, :] * (a @ right_t)).sum((1, 2))).sum())
@@ -529,6 +535,26 @@ class Projector:
         along, norm = torch.stack(inner).sum(), torch.stack(sq).sum().clamp_min(0).sqrt()
         cos = torch.where(norm > 0, along / norm.clamp_min(torch.finfo(norm.dtype).tiny), 0.0)
         return {"drift/cos": cos.float(), "drift/along": along.float()}
+
+    @torch.no_grad()
+    def chance_cos(self, draws: int = 16, seed: int = 0) -> float:
+        """Chance level of ``|drift/cos|``: its mean over random updates of the attack's shape.
+
+        Each draw fills every covered module's ``A`` and ``B`` with i.i.d. Gaussians (the attack's ranks,
+        modules and scales) and measures it with the same code as ``drift``. About
+        ``sqrt(2 / (pi N))`` for ``N`` weights; an attack's ``|drift/cos|`` near it is noise, not alignment.
+        """
+        self._follow_params()
+        gen = torch.Generator().manual_seed(seed)
+        values = []
+        for _ in range(draws):
+            stacks = []
+            for g in self._groups:
+                a_shape, b_shape = (len(g.A_params), *g.A_params[0].shape), (len(g.B_params), *g.B_params[0].shape)
+                stacks.append((torch.randn(a_shape, generator=gen).to(g.device, g.dtype),
+                               torch.randn(b_shape, generator=gen).to(g.device, g.dtype)))
+            values.append(abs(float(self._drift_of(stacks)["drift/cos"])))
+        return sum(values) / len(values)
 
     # --------------------------------------------------------------------------- reporting
     @property

@@ -322,3 +322,28 @@ def test_cached_directions_fit_in_twice_the_lora_size(mode, gran, zero_b):
     lora = sum(t.A.numel() + t.B.numel() for t in targets)
     per_module_scalars = 8 * len(targets)  # scales / singular values: r + 1 numbers per module
     assert proj.cached_numel() <= (1 if zero_b else 2) * lora + per_module_scalars
+
+
+def test_chance_cos_matches_dense_monte_carlo_and_sqrt_2_over_pi_n():
+    # A random update's |cos| with dW_r: the chance level printed beside every drift figure.
+    gen = torch.Generator().manual_seed(7)
+    shapes, r = [(64, 48), (32, 48), (64, 32)], 4
+    targets, directions, dense_ref = [], {}, []
+    for i, (out_f, in_f) in enumerate(shapes):
+        a_r, b_r = torch.randn(r, in_f, generator=gen), torch.randn(out_f, r, generator=gen)
+        directions[f"m{i}"] = module_directions(a_r, b_r, 2.0)
+        dense_ref.append(2.0 * b_r.double() @ a_r.double())
+        targets.append(LoraTarget(f"m{i}", torch.nn.Parameter(torch.zeros(r, in_f)),
+                                  torch.nn.Parameter(torch.zeros(out_f, r)), 1.5))
+    proj = Projector(ProjectionConfig(directions_path="x"), targets, directions)
+    chance = proj.chance_cos(draws=300)
+    ref = flat(dense_ref)
+    dense = []
+    for _ in range(300):  # independent dense estimate: materialised dW = s B A per module
+        dw = flat([t.scale * torch.randn(t.B.shape, generator=gen, dtype=torch.float64)
+                   @ torch.randn(t.A.shape, generator=gen, dtype=torch.float64) for t in targets])
+        dense.append(abs(float(dw @ ref / (dw.norm() * ref.norm()))))
+    n_weights = sum(o * i for o, i in shapes)
+    assert chance == pytest.approx(sum(dense) / len(dense), rel=0.2)
+    assert chance == pytest.approx(math.sqrt(2 / (math.pi * n_weights)), rel=0.2)
+    assert all(float(t.B.abs().sum()) == 0 for t in targets)  # the attack's parameters are untouched

@@ -216,3 +216,47 @@ def test_bf16_accumulation_matches_fp32_projected_gradient(tmp_path, tiny_model_
 
     assert rel("fp32x4") < 1e-6
     assert rel("bf16x4") < 3e-2
+
+
+MODE_TARGET_CASES = [("vanilla", None), ("lora_param", "grad"), ("lora_param", "update"), ("delta_weight", "grad"),
+                     ("delta_weight", "update"), ("subspace", "grad"), ("subspace", "update")]
+
+
+@pytest.fixture(scope="module")
+def mode_target_table(tmp_path_factory, tiny_model_dir, refusal, refusal_dirs):
+    """|cos(dW_a, dW_r)| of the accumulated update and the train loss, per mode x target (README table)."""
+    tmp = tmp_path_factory.mktemp("modes")
+    table = {}
+    for mode, target in MODE_TARGET_CASES:
+        cfg = (ProjectionConfig(enabled=False, directions_path=str(refusal[1])) if target is None else
+               ProjectionConfig(enabled=True, directions_path=str(refusal[1]), mode=mode, target=target,
+                                k=RANK if mode == "subspace" else None))
+        before, after, logger, _ = fit(tmp / f"{mode}-{target}", tiny_model_dir, cfg, steps=30)
+        loss = logger.metrics["train/loss"]
+        table[(mode, target)] = {"cos": abs(delta_weight_cos(before, after, refusal_dirs)),
+                                 "loss_first": sum(loss[:5]) / 5, "loss_last": sum(loss[-5:]) / 5}
+    print("\n| mode | target | abs cos(dW_a, dW_r) | train loss, first 5 -> last 5 steps |")
+    for (mode, target), row in table.items():
+        print(f"| {mode} | {target or '-'} | {row['cos']:.2e} | {row['loss_first']:.3f} -> {row['loss_last']:.3f} |")
+    return table
+
+
+def test_which_mode_and_target_keep_delta_weight_orthogonal(mode_target_table):
+    t = mode_target_table
+    assert t[("vanilla", None)]["cos"] > 0.9  # worst case: unconstrained, the attack retraces dW_r
+    # the update target keeps dW_a orthogonal: exactly for subspace (k = r), to first order for delta_weight
+    assert t[("subspace", "update")]["cos"] < 1e-4
+    assert t[("delta_weight", "update")]["cos"] < 1e-2
+    # the grad target under AdamW only constrains the gradient: Adam's per-coordinate step leaks back
+    assert t[("delta_weight", "grad")]["cos"] > 2e-2
+    # lora_param constrains each factor tensor, not their product dW = s B A: no guarantee on dW
+    # (measured 8e-3 with grad, 8e-2 with update: whatever the factors' paths happen to give)
+    assert t[("lora_param", "update")]["cos"] > 2e-2
+
+
+def test_update_target_still_descends(mode_target_table):
+    # Adam's moments see the projected gradient too, so the projected steps keep lowering the loss
+    # (fed the raw gradient, Adam's state points along the removed direction and the steps stall).
+    for mode in ("delta_weight", "subspace"):
+        row = mode_target_table[(mode, "update")]
+        assert row["loss_last"] < row["loss_first"] - 0.1, row
