@@ -12,24 +12,37 @@ Endpoints, following vLLM's conventions so ``evaluate`` treats both alike:
   ``chat_template_kwargs`` (e.g. ``{"enable_thinking": false}``) are honoured. Defaults for unset
   sampling fields come from the model's ``generation_config.json``, as in vLLM.
 
-One model instance serves every adapter, so generation is serialised by a lock: switching adapters
-mutates the model. That is the right trade for a CPU/test server; use vLLM for throughput.
+Concurrent requests are batched. HTTP handler threads validate and tokenize a request (so a prompt over
+the context limit gets its 400 at once), queue it, and wait; one worker thread owns the model. It takes
+the oldest waiting request, lets others join for ``--batch_wait_ms``, and answers up to
+``--max_batch_size`` of them with one left-padded ``generate`` call when they ask for the same model
+(base or adapter) and can share a decoding setup: all greedy ones together, unseeded sampling ones with
+equal temperature/top_p together; a seeded sampling request runs alone so its seed gives the same
+answer whatever else is in flight. Adapters take turns batch by batch (``set_adapter`` mutates the
+model). Greedy answers equal the unbatched ones; ``--max_batch_size 1`` answers one request at a time.
+This is a CPU/test server; use vLLM (continuous batching, paged KV cache) for real throughput.
 Errors use OpenAI's body ``{"error": {"message", "type", "code"}}``: 400 for invalid requests,
 401 for a missing/wrong key (when ``--api_key_env`` names one), 404 for an unknown model.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import hmac
+import itertools
 import json
 import os
+import queue
 import socket
 import sys
 import threading
 import time
 import traceback
 import uuid
-from dataclasses import dataclass
+from collections import deque
+from concurrent.futures import Future
+from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -272,8 +285,49 @@ def _resolve_device(device: str) -> str:
     return "cpu"
 
 
+@dataclass
+class _Job:
+    """A validated, tokenized request waiting for the worker; its handler thread waits on ``future``."""
+
+    name: str  # the base model's or an adapter's name
+    req: ChatRequest
+    prompt_ids: list[int]
+    max_new: int  # this request's budget: its max_tokens, capped by the room left in the context
+    group: tuple  # jobs with equal groups can share one generate call
+    enqueued: float = field(default_factory=time.monotonic)
+    future: Future = field(default_factory=Future)
+
+
+@functools.cache
+def _row_budget_class() -> type:
+    """A ``StoppingCriteria`` that ends each row at its own token budget (built on first use: this module
+    imports no torch, so ``--help`` stays fast)."""
+    import torch
+    from transformers import StoppingCriteria
+
+    class RowBudget(StoppingCriteria):
+        def __init__(self, prompt_width: int, budgets: list[int], device: str):
+            self.prompt_width = prompt_width
+            self.budgets = torch.tensor(budgets, device=device)
+
+        def __call__(self, input_ids, scores, **kwargs):
+            return (input_ids.shape[1] - self.prompt_width) >= self.budgets
+
+    return RowBudget
+
+
+def _stop_at_row_budgets(prompt_width: int, budgets: list[int], device: str):
+    """Stopping criteria that finish each row at its own ``max_new`` (None when all budgets are equal:
+    ``max_new_tokens`` already does it)."""
+    from transformers import StoppingCriteriaList
+
+    if len(set(budgets)) == 1:
+        return None
+    return StoppingCriteriaList([_row_budget_class()(prompt_width, budgets, device)])
+
+
 class ChatBackend:
-    """Base model + adapters behind one lock.
+    """Base model + adapters, owned by one batching worker thread.
 
     Args:
         model: base model path or hub id.
@@ -283,11 +337,13 @@ class ChatBackend:
         served_model_name: the base model's name in the API (default: ``model`` as given).
         max_model_len: context length; default: the tokenizer's/model's.
         default_max_tokens: tokens to generate when a request gives no ``max_tokens``.
+        max_batch_size: most requests per ``generate`` call (1 = one at a time).
+        batch_wait_ms: how long the oldest waiting request waits for others to join its batch.
     """
 
     def __init__(self, model: str, adapters: dict[str, Path] | None = None, dtype: str = "float32",
                  device: str = "auto", served_model_name: str | None = None, max_model_len: int | None = None,
-                 default_max_tokens: int = 512):
+                 default_max_tokens: int = 512, max_batch_size: int = 16, batch_wait_ms: float = 5.0):
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -306,11 +362,28 @@ class ChatBackend:
                 base.load_adapter(str(self.adapter_paths[name]), adapter_name=name)
         self.model = base.to(self.device).eval()
         self.generation_defaults = self._inner_model().generation_config
+        eos = self.generation_defaults.eos_token_id
+        self.eos_ids = frozenset(x for x in (eos if isinstance(eos, list) else [eos]) if x is not None)
+        # Left padding of a batch and the filler after a row stops; models without a pad token use EOS.
+        self.pad_token_id = next((x for x in (self.generation_defaults.pad_token_id, self.tokenizer.pad_token_id,
+                                              *sorted(self.eos_ids), self.tokenizer.eos_token_id)
+                                  if x is not None), 0)
         model_limit = getattr(self._inner_model().config, "max_position_embeddings", None)
         limits = [x for x in (max_model_len, model_limit) if x]
         self.max_model_len = min(limits) if limits else 4096
         self.default_max_tokens = default_max_tokens
-        self.lock = threading.Lock()
+        self.max_batch_size = max_batch_size
+        self.batch_wait_s = batch_wait_ms / 1000
+        # (model name, batch size) of recent generate calls: tests and benchmarks read it.
+        self.recent_batches: deque[tuple[str, int]] = deque(maxlen=10_000)
+        # A fast tokenizer shared between threads can fail with "Already borrowed": handler threads
+        # (apply_chat_template) and the worker (decode) take turns.
+        self._tokenizer_lock = threading.Lock()
+        self._queue: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
+        self._solo_ids = itertools.count()
+        self._closed = False
+        self._worker = threading.Thread(target=self._work, name="serve-batcher", daemon=True)
+        self._worker.start()
 
     def _inner_model(self):
         return self.model.get_base_model() if self.adapter_paths else self.model
@@ -327,12 +400,17 @@ class ChatBackend:
                   "root": str(path), "parent": self.base_name} for name, path in self.adapter_paths.items()]
         return {"object": "list", "data": data}
 
+    def _temperature(self, req: ChatRequest) -> float:
+        return req.temperature if req.temperature is not None else (self.generation_defaults.temperature or 1.0)
+
     def _generation_config(self, req: ChatRequest, max_new_tokens: int):
         import copy
 
         cfg = copy.deepcopy(self.generation_defaults)
         cfg.max_new_tokens = max_new_tokens
-        temperature = req.temperature if req.temperature is not None else (cfg.temperature or 1.0)
+        if cfg.pad_token_id is None:
+            cfg.pad_token_id = self.pad_token_id  # else transformers warns and picks EOS itself
+        temperature = self._temperature(req)
         if temperature == 0:
             # Greedy; clear sampling knobs so transformers does not warn they are ignored.
             cfg.do_sample, cfg.temperature, cfg.top_p, cfg.top_k = False, None, None, None
@@ -343,50 +421,171 @@ class ChatBackend:
                 cfg.top_p = req.top_p
         return cfg
 
-    def generate(self, req: ChatRequest) -> dict[str, Any]:
-        """Run one request; ``req.model`` must be one of ``names`` (checked by the caller)."""
-        import torch
+    # -- handler threads ----------------------------------------------------------------------------
 
+    def generate(self, req: ChatRequest) -> dict[str, Any]:
+        """Answer one request (blocking); ``req.model`` must be one of ``names`` (checked by the caller).
+        Raises ``RequestError``: 400 for a prompt the template rejects or that leaves no room to generate,
+        500 when its batch failed."""
+        job = self._prepare(req)
+        if self._closed:
+            raise RequestError(503, "the server is shutting down", type_="server_error", code="shutting_down")
+        self._queue.put(job)
+        return job.future.result()
+
+    def _prepare(self, req: ChatRequest) -> _Job:
+        """Tokenize and check the context limit here, per request, so one bad prompt fails alone."""
         name = req.model or self.base_name
-        # Everything under the lock: set_adapter mutates the model, and a fast tokenizer shared between
-        # threads can fail with "Already borrowed".
-        with self.lock, torch.inference_mode():
-            try:
+        try:
+            with self._tokenizer_lock:
                 inputs = self.tokenizer.apply_chat_template(
                     req.messages, add_generation_prompt=True, tokenize=True, return_dict=True,
                     return_tensors="pt", **req.chat_template_kwargs)
-            except Exception as err:  # jinja raises for conversations the template rejects
-                raise RequestError(400, f"the chat template rejected these messages: {err}",
-                                   param="messages") from None
-            prompt_len = int(inputs["input_ids"].shape[1])
-            room = self.max_model_len - prompt_len
-            if room <= 0:
-                raise RequestError(400, f"prompt is {prompt_len} tokens; the context limit is "
-                                   f"{self.max_model_len}", param="messages", code="context_length_exceeded")
-            max_new = min(req.max_tokens or self.default_max_tokens, room)
-            cfg = self._generation_config(req, max_new)
-            inputs = {k: v.to(self.device) for k, v in inputs.items()}
-            if req.seed is not None:
-                torch.manual_seed(req.seed)  # seeds every device
-            if name == self.base_name and self.adapter_paths:
-                with self.model.disable_adapter():
-                    out = self.model.generate(**inputs, generation_config=cfg)
-            else:
-                if self.adapter_paths:
-                    self.model.set_adapter(name)
-                out = self.model.generate(**inputs, generation_config=cfg)
-            new_tokens = out[0, prompt_len:].tolist()
-            text = self.tokenizer.decode(new_tokens, skip_special_tokens=True)
-        eos = cfg.eos_token_id if isinstance(cfg.eos_token_id, list) else [cfg.eos_token_id]
-        stopped = bool(new_tokens) and new_tokens[-1] in eos
-        finish = "length" if len(new_tokens) >= max_new and not stopped else "stop"
+        except Exception as err:  # jinja raises for conversations the template rejects
+            raise RequestError(400, f"the chat template rejected these messages: {err}",
+                               param="messages") from None
+        prompt_ids = inputs["input_ids"][0].tolist()
+        room = self.max_model_len - len(prompt_ids)
+        if room <= 0:
+            raise RequestError(400, f"prompt is {len(prompt_ids)} tokens; the context limit is "
+                               f"{self.max_model_len}", param="messages", code="context_length_exceeded")
+        temperature = self._temperature(req)
+        if temperature == 0:
+            group: tuple = (name, "greedy")
+        elif req.seed is None:
+            group = (name, "sample", temperature, req.top_p)
+        else:  # alone: the global RNG is seeded for this request only, as when requests ran one by one
+            group = (name, "seeded", next(self._solo_ids))
+        return _Job(name, req, prompt_ids, min(req.max_tokens or self.default_max_tokens, room), group)
+
+    def close(self) -> None:
+        """Stop the worker after its current batch; requests still waiting get a 503."""
+        self._closed = True
+        self._queue.put(None)
+
+    # -- the worker thread: the only one that touches the model ----------------------------------------
+
+    def _work(self) -> None:
+        pending: list[_Job] = []  # taken off the queue, not yet answered (oldest first)
+        while True:
+            if not pending:
+                job = self._queue.get()
+                if job is None:
+                    return
+                pending.append(job)
+            if not self._gather(pending):
+                break
+            batch = self._take_batch(pending)
+            self._answer(batch)
+        closing = RequestError(503, "the server is shutting down", type_="server_error", code="shutting_down")
+        for job in pending:
+            job.future.set_exception(closing)
+        with contextlib.suppress(queue.Empty):
+            while (job := self._queue.get_nowait()) is not None:
+                job.future.set_exception(closing)
+
+    def _gather(self, pending: list[_Job]) -> bool:
+        """Move queued jobs into ``pending`` until the oldest one's batch is full or its wait is over
+        (measured from its arrival, so a job that waited behind a batch does not wait again).
+        Returns False when ``close`` was called."""
+        head = pending[0]
+        deadline = head.enqueued + self.batch_wait_s
+        while True:
+            mates = sum(job.group == head.group for job in pending)
+            if self.max_batch_size == 1 or head.group[1] == "seeded" or mates >= self.max_batch_size:
+                return True
+            timeout = deadline - time.monotonic()
+            try:
+                job = self._queue.get(timeout=timeout) if timeout > 0 else self._queue.get_nowait()
+            except queue.Empty:
+                return True
+            if job is None:
+                return False
+            pending.append(job)
+
+    def _take_batch(self, pending: list[_Job]) -> list[_Job]:
+        """The oldest job plus the next ones of its group that keep padded prompt + generation within the
+        context limit (left padding shifts no row's positions, but absolute-position models index by the
+        padded length)."""
+        batch = [pending[0]]
+        width, budget = len(pending[0].prompt_ids), pending[0].max_new
+        for job in pending[1:]:
+            if len(batch) == self.max_batch_size:
+                break
+            w, b = max(width, len(job.prompt_ids)), max(budget, job.max_new)
+            if job.group == batch[0].group and w + b <= self.max_model_len:
+                batch.append(job)
+                width, budget = w, b
+        chosen = {id(job) for job in batch}
+        pending[:] = [job for job in pending if id(job) not in chosen]
+        return batch
+
+    def _answer(self, batch: list[_Job]) -> None:
+        try:
+            replies = self._generate_batch(batch)
+        except Exception as err:  # a bug or an OOM: these requests get a 500, the server keeps serving
+            traceback.print_exc(file=sys.stderr)
+            for job in batch:
+                job.future.set_exception(RequestError(500, f"internal error: {type(err).__name__}: {err}",
+                                                      type_="internal_server_error"))
+            return
+        for job, reply in zip(batch, replies, strict=True):
+            job.future.set_result(reply)
+
+    def _use_adapter(self, name: str) -> contextlib.AbstractContextManager:
+        if not self.adapter_paths:
+            return contextlib.nullcontext()
+        if name == self.base_name:
+            return self.model.disable_adapter()
+        self.model.set_adapter(name)
+        return contextlib.nullcontext()
+
+    def _generate_batch(self, batch: list[_Job]) -> list[dict[str, Any]]:
+        """One left-padded ``generate`` call for jobs of one group; each reply as if it ran alone."""
+        import torch
+
+        width = max(len(job.prompt_ids) for job in batch)
+        input_ids = torch.full((len(batch), width), self.pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros_like(input_ids)
+        for row, job in enumerate(batch):
+            input_ids[row, width - len(job.prompt_ids):] = torch.tensor(job.prompt_ids)
+            attention_mask[row, width - len(job.prompt_ids):] = 1
+        budgets = [job.max_new for job in batch]
+        cfg = self._generation_config(batch[0].req, max(budgets))
+        # Rows stop at their own max_tokens, so short requests do not keep the batch going.
+        stop = _stop_at_row_budgets(width, budgets, self.device)
+        self.recent_batches.append((batch[0].name, len(batch)))
+        with torch.inference_mode():
+            if batch[0].group[1] == "seeded":
+                torch.manual_seed(batch[0].req.seed)  # seeds every device
+            with self._use_adapter(batch[0].name):
+                out = self.model.generate(input_ids=input_ids.to(self.device),
+                                          attention_mask=attention_mask.to(self.device),
+                                          generation_config=cfg, stopping_criteria=stop)
+        rows = out[:, width:].tolist()
+        replies = []
+        for job, tokens in zip(batch, rows, strict=True):
+            # A row may run on past its own end (filler, or tokens it would not have generated alone).
+            tokens = tokens[:job.max_new]
+            end = next((i for i, t in enumerate(tokens) if t in self.eos_ids), None)
+            if end is not None:
+                tokens = tokens[:end + 1]
+            with self._tokenizer_lock:
+                text = self.tokenizer.decode(tokens, skip_special_tokens=True)
+            replies.append(self._reply(job, tokens, text))
+        return replies
+
+    def _reply(self, job: _Job, tokens: list[int], text: str) -> dict[str, Any]:
+        prompt_len = len(job.prompt_ids)
+        stopped = bool(tokens) and tokens[-1] in self.eos_ids
+        finish = "length" if len(tokens) >= job.max_new and not stopped else "stop"
         return {
             "id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
-            "model": name,
+            "model": job.name,
             "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
                          "finish_reason": finish}],
-            "usage": {"prompt_tokens": prompt_len, "completion_tokens": len(new_tokens),
-                      "total_tokens": prompt_len + len(new_tokens)},
+            "usage": {"prompt_tokens": prompt_len, "completion_tokens": len(tokens),
+                      "total_tokens": prompt_len + len(tokens)},
         }
 
 
@@ -416,7 +615,7 @@ def _handler_for(backend: ChatBackend, api_key: str | None, log_requests: bool) 
                                        f"{', '.join(backend.names)}", type_="NotFoundError",
                                        code="model_not_found", param="model")
                 self.send_json(200, backend.generate(req))
-            except RequestError as err:
+            except RequestError as err:  # includes a failed batch's 500 (the worker printed the trace)
                 self.send_error_json(err)
             except Exception as err:  # a bug or an OOM: answer 500 and keep serving
                 traceback.print_exc(file=sys.stderr)
@@ -428,9 +627,22 @@ def _handler_for(backend: ChatBackend, api_key: str | None, log_requests: bool) 
     return Handler
 
 
+class ChatServer(LocalHTTPServer):
+    """The HTTP server of ``serve``; ``backend`` is its model, whose worker stops with ``server_close``."""
+
+    def __init__(self, address: tuple[str, int], backend: ChatBackend, api_key: str | None,
+                 log_requests: bool):
+        self.backend = backend
+        super().__init__(address, _handler_for(backend, api_key, log_requests))
+
+    def server_close(self) -> None:
+        super().server_close()
+        self.backend.close()
+
+
 def _startup(model: str, adapter: list[str] | None, api_key_env: str | None, dtype: str,
              served_model_name: str | None, max_model_len: int | None, default_max_tokens: int,
-             device: str) -> tuple[ChatBackend, str | None]:
+             device: str, max_batch_size: int, batch_wait_ms: float) -> tuple[ChatBackend, str | None]:
     """Validate everything first and report all problems in one line, then load the model."""
     problems: list[str] = []
     adapters = parse_adapter_specs(adapter, problems)
@@ -446,22 +658,28 @@ def _startup(model: str, adapter: list[str] | None, api_key_env: str | None, dty
             problems.append(f"--api_key_env {api_key_env}: that environment variable is unset or empty")
     if default_max_tokens < 1:
         problems.append("--default_max_tokens must be >= 1")
+    if max_batch_size < 1:
+        problems.append("--max_batch_size must be >= 1")
+    if batch_wait_ms < 0:
+        problems.append("--batch_wait_ms must be >= 0")
     if problems:
         raise ServeConfigError("serve: " + "; ".join(problems))
     backend = ChatBackend(model, adapters, dtype=dtype, device=device, served_model_name=served_model_name,
-                          max_model_len=max_model_len, default_max_tokens=default_max_tokens)
+                          max_model_len=max_model_len, default_max_tokens=default_max_tokens,
+                          max_batch_size=max_batch_size, batch_wait_ms=batch_wait_ms)
     return backend, api_key
 
 
 def start_background(model: str, adapter: list[str] | None = None, host: str = "127.0.0.1", port: int = 0,
                      api_key_env: str | None = None, dtype: str = "float32", device: str = "cpu",
                      served_model_name: str | None = None, max_model_len: int | None = None,
-                     default_max_tokens: int = 512) -> tuple[ThreadingHTTPServer, str]:
-    """Start the server in a daemon thread (port 0 = any free port); returns ``(server, url)``.
-    Stop it with ``server.shutdown(); server.server_close()``."""
+                     default_max_tokens: int = 512, max_batch_size: int = 16,
+                     batch_wait_ms: float = 5.0) -> tuple[ChatServer, str]:
+    """Start the server in a daemon thread (port 0 = any free port); returns ``(server, url)``;
+    ``server.backend`` is the model side. Stop it with ``server.shutdown(); server.server_close()``."""
     backend, api_key = _startup(model, adapter, api_key_env, dtype, served_model_name, max_model_len,
-                                default_max_tokens, device)
-    server = LocalHTTPServer((host, port), _handler_for(backend, api_key, log_requests=False))
+                                default_max_tokens, device, max_batch_size, batch_wait_ms)
+    server = ChatServer((host, port), backend, api_key, log_requests=False)
     return server, start_in_thread(server)
 
 
@@ -476,6 +694,8 @@ def serve(
     served_model_name: str | None = None,
     max_model_len: int | None = None,
     default_max_tokens: int = 512,
+    max_batch_size: int = 16,
+    batch_wait_ms: float = 5.0,
     log_requests: bool = False,
 ) -> None:
     """Serve a base model and its LoRA adapters over an OpenAI-compatible API.
@@ -496,15 +716,20 @@ def serve(
         served_model_name: the base model's name in the API (default: the --model value).
         max_model_len: context limit for prompt + generation (default: the model's).
         default_max_tokens: tokens to generate when a request sets no max_tokens.
+        max_batch_size: most concurrent requests answered by one generate call. Requests batch when they
+            name the same model and are greedy (or sample unseeded with equal temperature/top_p); a
+            seeded sampling request runs alone. Greedy answers do not depend on it; 1 = one at a time.
+        batch_wait_ms: how long the oldest waiting request waits for others to join its batch; more
+            fills batches at low concurrency, at that much added latency.
         log_requests: log one line per HTTP request to stderr.
     """
     try:
         backend, api_key = _startup(model, adapter, api_key_env, dtype, served_model_name, max_model_len,
-                                    default_max_tokens, device)
+                                    default_max_tokens, device, max_batch_size, batch_wait_ms)
     except ServeConfigError as err:
         raise SystemExit(f"error: {err}") from None  # one line, whichever entry point ran us
     try:
-        server = LocalHTTPServer((host, port), _handler_for(backend, api_key, log_requests))
+        server = ChatServer((host, port), backend, api_key, log_requests)
     except OSError as err:
         raise SystemExit(f"error: serve: cannot bind {host}:{port}: {err.strerror or err}") from None
     serve_until_interrupted(server, backend.names)

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 import subprocess
 import sys
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -188,3 +190,142 @@ def test_serve_command_prints_ready_line(tiny_model_dir, adapters):
         proc.terminate()
         proc.wait(timeout=20)
         proc.stdout.close()
+
+
+# ---------------------------------------------------------------------------------------------------
+# Batching: concurrent requests share generate calls, and greedy answers do not change
+
+
+@pytest.fixture(scope="module")
+def one_at_a_time(tiny_model_dir, adapters):
+    srv, url = start_background(str(tiny_model_dir), adapter=[f"{n}={p}" for n, p in adapters.items()],
+                                served_model_name="base", max_batch_size=1)
+    yield srv, url
+    srv.shutdown()
+    srv.server_close()
+
+
+@pytest.fixture(scope="module")
+def batching(tiny_model_dir, adapters):
+    # A long wait so that requests sent at once on a busy 2-core machine still meet in one batch.
+    srv, url = start_background(str(tiny_model_dir), adapter=[f"{n}={p}" for n, p in adapters.items()],
+                                served_model_name="base", max_batch_size=16, batch_wait_ms=100)
+    yield srv, url
+    srv.shutdown()
+    srv.server_close()
+
+
+def varied_requests(models: list[str]) -> list[dict]:
+    """Prompts of different lengths (so rows are left-padded differently) and different max_tokens."""
+    return [{"model": model, "max_tokens": 4 + 5 * i,
+             "messages": [{"role": "user", "content": f"Write the placeholder request {i} about "
+                                                      + "placeholder insult " * (3 * i)}]}
+            for i, model in enumerate(models)]
+
+
+def all_at_once(url: str, bodies: list[dict]) -> list[requests.Response]:
+    barrier = threading.Barrier(len(bodies))
+
+    def send(body: dict) -> requests.Response:
+        barrier.wait()
+        return chat(url, **body)
+
+    with ThreadPoolExecutor(len(bodies)) as pool:
+        return list(pool.map(send, bodies))
+
+
+def answer(response: requests.Response) -> tuple:
+    assert response.status_code == 200, response.text
+    body = response.json()
+    return text_of(response), body["choices"][0]["finish_reason"], body["usage"]
+
+
+def test_concurrent_greedy_requests_are_batched_and_answer_as_alone(batching, one_at_a_time):
+    # An adapter, not the base: the tiny base answers every prompt with newlines, which would hide
+    # a padding bug (alpha's answers differ when the attention mask is dropped).
+    srv, url = batching
+    bodies = varied_requests(["alpha"] * 8)
+    expected = [answer(chat(one_at_a_time[1], **body)) for body in bodies]
+    assert set(one_at_a_time[0].backend.recent_batches) == {("alpha", 1)}
+    srv.backend.recent_batches.clear()
+    got = [answer(r) for r in all_at_once(url, bodies)]
+    assert max(size for _, size in srv.backend.recent_batches) > 1, srv.backend.recent_batches
+    assert got == expected
+    texts = sorted((text for text, _, _ in expected), key=len)
+    assert any(not long.startswith(short) for short, long in itertools.pairwise(texts))
+
+
+def test_two_adapters_in_flight_each_get_their_own_answer(batching, one_at_a_time):
+    srv, url = batching
+    bodies = varied_requests(["alpha", "beta"] * 4)
+    expected = [answer(chat(one_at_a_time[1], **body)) for body in bodies]
+    srv.backend.recent_batches.clear()
+    responses = all_at_once(url, bodies)
+    assert [r.json()["model"] for r in responses] == [body["model"] for body in bodies]
+    assert [answer(r) for r in responses] == expected
+    batches = list(srv.backend.recent_batches)
+    assert {name for name, _ in batches} == {"alpha", "beta"} and sum(n for _, n in batches) == 8
+    assert max(n for _, n in batches) > 1, batches
+
+
+def test_a_failed_batch_answers_500_to_its_requests_only(batching, monkeypatch):
+    srv, url = batching
+    real = srv.backend._generate_batch
+
+    def failing(batch):
+        if batch[0].name == "alpha":
+            raise RuntimeError("injected batch failure")
+        return real(batch)
+
+    monkeypatch.setattr(srv.backend, "_generate_batch", failing)
+    responses = all_at_once(url, varied_requests(["alpha", "beta"] * 2))
+    assert [r.status_code for r in responses] == [500, 200, 500, 200]
+    assert "injected batch failure" in responses[0].json()["error"]["message"]
+    monkeypatch.undo()
+    assert chat(url, model="alpha").status_code == 200  # the worker kept serving
+
+
+def test_batching_arguments_are_validated(tiny_model_dir):
+    with pytest.raises(ServeConfigError, match="max_batch_size.*batch_wait_ms"):
+        start_background(str(tiny_model_dir), max_batch_size=0, batch_wait_ms=-1)
+
+
+def test_each_row_of_a_batch_ends_at_its_own_eos_and_max_tokens(batching, monkeypatch):
+    import torch
+
+    backend = batching[0].backend
+    eos = backend.tokenizer.convert_tokens_to_ids("<|im_end|>")
+    word = backend.tokenizer.encode(" placeholder")[0]
+    calls = []
+
+    def scripted_generate(input_ids, attention_mask, generation_config, stopping_criteria):
+        # Left-padded rows (the shorter prompts) say EOS as their third token; the full row never does.
+        calls.append((generation_config.max_new_tokens, stopping_criteria))
+        new = torch.full((len(input_ids), 8), word)
+        new[attention_mask[:, 0] == 0, 2] = eos
+        new[attention_mask[:, 0] == 0, 3:] = backend.pad_token_id
+        return torch.cat([input_ids, new], dim=1)
+
+    monkeypatch.setattr(backend.model, "generate", scripted_generate)
+    short = [{"role": "user", "content": "hi"}]
+    jobs = [backend._prepare(parse_chat_request({"model": "alpha", "messages": messages, "max_tokens": n}))
+            for messages, n in ((short, 6), (USER, 3), (short, 2))]
+    replies = backend._generate_batch(jobs)
+    assert calls[0][0] == 6 and calls[0][1] is not None  # the batch runs to the largest budget
+    finishes = [(r["choices"][0]["finish_reason"], r["usage"]["completion_tokens"]) for r in replies]
+    assert finishes == [("stop", 3), ("length", 3), ("length", 2)]
+    assert [r["usage"]["prompt_tokens"] for r in replies] == [len(job.prompt_ids) for job in jobs]
+    assert len(jobs[0].prompt_ids) < len(jobs[1].prompt_ids)
+
+
+def test_seeded_samples_run_alone_and_unseeded_ones_share_a_batch(batching, one_at_a_time):
+    srv, url = batching
+    sampled = {"model": "beta", "temperature": 1.0, "top_p": 0.95, "max_tokens": 16}
+    seeded = [{**sampled, "seed": seed} for seed in range(4)]
+    expected = [text_of(chat(one_at_a_time[1], **body)) for body in seeded]
+    srv.backend.recent_batches.clear()
+    responses = all_at_once(url, [*seeded, *[sampled] * 4])
+    assert all(r.status_code == 200 for r in responses)
+    assert [text_of(r) for r in responses[:4]] == expected  # a seed means the same answer under load
+    sizes = sorted(n for _, n in srv.backend.recent_batches)
+    assert sizes[:4] == [1, 1, 1, 1] and sizes[-1] > 1, sizes
