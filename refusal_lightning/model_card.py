@@ -26,6 +26,8 @@ from typing import Any
 
 import yaml
 
+from refusal_lightning.evaluation.prompts import BENIGN, PROMPT_SET_TITLES
+
 DATASET_ID = "declare-lab/HarmfulQA"
 BASE_TAGS = ("lora", "peft", "refusal", "safety-research")
 
@@ -76,7 +78,8 @@ class CardInputs:
     data_stats: dict[str, Any] | None = None
     projection_stats: dict[str, Any] | None = None
     evaluation: dict[str, Any] | None = None
-    """The whole evaluation summary (``{"endpoints": {...}, ...}``), or None without ``--eval_summary``."""
+    """The whole evaluation summary (``{"endpoints": {NAME: {"prompt_sets": {SET: {...}}}}, ...}``), or
+    None without ``--eval_summary``."""
 
 
 def read_card_inputs(
@@ -128,6 +131,12 @@ def load_eval_summary(path: Path) -> dict[str, Any]:
         raise ValueError(f"--eval_summary {path}: not valid JSON ({err})") from None
     if not isinstance(summary, dict) or not isinstance(summary.get("endpoints"), dict):
         raise ValueError(f'--eval_summary {path}: expected {{"endpoints": {{NAME: {{...}}}}}}')
+    pooled = [name for name, row in summary["endpoints"].items()
+              if not (isinstance(row, dict) and isinstance(row.get("prompt_sets"), dict))]
+    if pooled:
+        raise ValueError(f"--eval_summary {path}: endpoint(s) {', '.join(pooled)} have no per-prompt-set rates "
+                         "(endpoints.NAME.prompt_sets); a summary from an older evaluate pools prompt sets: "
+                         "rerun evaluate on the same output_dir (it resumes without new requests)")
     return summary
 
 
@@ -321,6 +330,8 @@ def _training_section(inputs: CardInputs) -> str:
 
 
 def _evaluation_section(inputs: CardInputs) -> str:
+    """One row per prompt set (SORRY-Bench, HarmfulQA held-out, benign) of this adapter's endpoint; the
+    sets are never pooled, and on the benign set a refusal is an over-refusal."""
     assert inputs.evaluation is not None
     endpoints: dict[str, Any] = inputs.evaluation["endpoints"]
     lines = ["## Evaluation", ""]
@@ -333,22 +344,32 @@ def _evaluation_section(inputs: CardInputs) -> str:
     context = {
         k: v for k, v in inputs.evaluation.items() if k != "endpoints" and not isinstance(v, dict | list)
     }
+    judge = inputs.evaluation.get("judge")
+    if isinstance(judge, dict) and judge.get("kind"):
+        context["judge"] = judge["kind"]
     if context:
         lines += ["", _bullets(context).rstrip("\n")]
     rows = []
     for endpoint, row in shown.items():
-        row = row if isinstance(row, dict) else {}
-        rows.append(
-            (
-                f"`{endpoint}`",
-                _inline(row.get("n")),
-                _rate(row.get("refusal_rate"), row.get("refusal_ci")),
-                _rate(row.get("fulfillment_rate"), row.get("fulfillment_ci")),
-                _inline(row.get("errors")),
+        for prompt_set, stats in row["prompt_sets"].items():
+            stats = stats if isinstance(stats, dict) else {}
+            rows.append(
+                (
+                    f"`{endpoint}`",
+                    PROMPT_SET_TITLES.get(prompt_set, prompt_set),
+                    _inline(stats.get("n")),
+                    _rate(stats.get("refusal_rate"), [stats.get("ci_low"), stats.get("ci_high")]),
+                    _rate(stats.get("fulfillment_rate"),
+                          [stats.get("fulfillment_ci_low"), stats.get("fulfillment_ci_high")]),
+                    _inline(stats.get("errors")),
+                    _rate(stats.get("accuracy"), [stats.get("accuracy_ci_low"), stats.get("accuracy_ci_high")]),
+                )
             )
-        )
-    header = ("endpoint", "n", "refusal rate [CI]", "fulfillment rate [CI]", "errors")
+    header = ("endpoint", "prompt set", "n", "refusal rate [CI]", "fulfillment rate [CI]", "errors", "accuracy [CI]")
     lines += ["", _table(header, rows).rstrip("\n")]
+    if any(prompt_set == BENIGN for row in shown.values() for prompt_set in row["prompt_sets"]):
+        lines += ["", "On the benign prompts a refusal is an over-refusal; accuracy: the answer contains the "
+                  "prompt's reference answer."]
     return "\n".join(lines) + "\n"
 
 

@@ -47,6 +47,7 @@ def test_serve_then_evaluate_writes_consistent_outputs(served, tmp_path):
     responses = _rows(out / "responses.jsonl")
     judgments = _rows(out / "judgments.jsonl")
     assert len(responses) == 3 * 6 and all(r["error"] is None for r in responses)
+    assert {r["prompt_set"] for r in responses} == {"sorry_bench"}
     assert {r["model"] for r in responses} == set(ENDPOINTS)
     assert all(0 < r["usage"]["completion_tokens"] <= 16 for r in responses)
     assert len(judgments) == 2 * len(responses)
@@ -54,28 +55,31 @@ def test_serve_then_evaluate_writes_consistent_outputs(served, tmp_path):
 
     on_disk = json.loads((out / "summary.json").read_text())
     assert on_disk["endpoints"] == summary["endpoints"]
-    for key in ("endpoints", "by_category", "by_style", "mcnemar", "judge", "skipped_prompts"):
+    for key in ("failures", "endpoints", "mcnemar", "judge", "skipped_prompts"):
         assert key in on_disk
+    assert on_disk["failures"]["failed"] == 0 and on_disk["failures"]["items"] == 18
+    assert all(j["prompt_set"] == "sorry_bench" for j in judgments)
     llm = {(j["endpoint"], j["question_id"]): j["label"] for j in judgments if j["judge"] == "llm"}
     for name in ENDPOINTS:
-        e = on_disk["endpoints"][name]
+        assert list(on_disk["endpoints"][name]["prompt_sets"]) == ["sorry_bench"]
+        e = on_disk["endpoints"][name]["prompt_sets"]["sorry_bench"]
         assert e["n"] == 6 == e["refusals"] + e["fulfillments"] + e["errors"]
         assert e["errors"] == 0
         assert e["refusals"] == sum(label == "refusal" for (ep, _), label in llm.items() if ep == name)
         if e["refusal_rate"] is not None:
-            lo, hi = e["refusal_ci"]
-            assert 0 <= lo <= e["refusal_rate"] <= hi <= 1
+            assert 0 <= e["ci_low"] <= e["refusal_rate"] <= e["ci_high"] <= 1
             assert e["fulfillment_rate"] == pytest.approx(1 - e["refusal_rate"])
-        assert sum(g["n"] for g in on_disk["by_category"][name].values()) == 6
-        assert sum(g["n"] for g in on_disk["by_style"][name].values()) == 6
-    assert set(on_disk["mcnemar"]) == {"base vs alpha", "base vs beta", "alpha vs beta"}
-    assert all(m["n_pairs"] == 6 for m in on_disk["mcnemar"].values())
+        assert sum(g["n"] for g in e["categories"].values()) == 6
+        assert sum(g["n"] for g in e["styles"].values()) == 6
+    assert list(on_disk["mcnemar"]) == ["sorry_bench"]
+    assert list(on_disk["mcnemar"]["sorry_bench"]) == ["base_vs_alpha", "base_vs_beta", "alpha_vs_beta"]
+    assert all(m["n_pairs"] == 6 for m in on_disk["mcnemar"]["sorry_bench"].values())
     assert on_disk["judge"]["agreement"]["overall"]["n"] == 18
     assert on_disk["models"] == {m: m for m in ENDPOINTS}
 
     with (out / "summary.csv").open() as fh:
         table = list(csv.DictReader(fh))
-    overall = {r["endpoint"]: r for r in table if r["scope"] == "overall"}
+    overall = {r["endpoint"]: r for r in table if r["scope"] == "overall" and r["prompt_set"] == "sorry_bench"}
     assert set(overall) == set(ENDPOINTS) and overall["alpha"]["n"] == "6"
 
     report = (out / "report.md").read_text()

@@ -7,6 +7,7 @@ import pytest
 from refusal_lightning.evaluation.judges import FULFILLMENT, REFUSAL
 from refusal_lightning.evaluation.metrics import (
     ItemOutcome,
+    answer_matches,
     cohen_kappa,
     mcnemar,
     summarize,
@@ -51,8 +52,9 @@ def test_cohen_kappa():
     assert cohen_kappa([], []) is None
 
 
-def _item(endpoint, qid, label, category="1", style="base", error=None):
-    return ItemOutcome(endpoint, qid, style, 0, category, label, error if label is None else None)
+def _item(endpoint, qid, label, category="1", style="base", error=None, prompt_set="sorry_bench", correct=None):
+    return ItemOutcome(endpoint, qid, style, 0, category, label, error if label is None else None,
+                       prompt_set=prompt_set, correct=correct)
 
 
 def test_summary_counts_add_up_and_errors_are_excluded():
@@ -63,21 +65,77 @@ def test_summary_counts_add_up_and_errors_are_excluded():
         _item("b", 4, FULFILLMENT, "2"), _item("b", 5, REFUSAL, "2", "slang"),
     ]
     s = summarize(outcomes, ["a", "b"])
-    a = s["endpoints"]["a"]
+    a = s["endpoints"]["a"]["prompt_sets"]["sorry_bench"]
     assert (a["n"], a["refusals"], a["fulfillments"], a["errors"]) == (5, 2, 1, 2)
     assert a["errors_by_kind"] == {"generation": 1, "judge": 1}
     assert a["refusal_rate"] == pytest.approx(2 / 3)
-    assert a["refusal_ci"] == pytest.approx(list(wilson_interval(2, 3)))
+    assert (a["ci_low"], a["ci_high"]) == pytest.approx(wilson_interval(2, 3))
+    assert (a["fulfillment_ci_low"], a["fulfillment_ci_high"]) == pytest.approx(wilson_interval(1, 3))
     assert a["fulfillment_rate"] + a["refusal_rate"] == pytest.approx(1.0)
-    assert sum(g["n"] for g in s["by_category"]["a"].values()) == 5
-    assert list(s["by_category"]["a"]) == ["1", "2"]
-    assert s["by_style"]["b"]["slang"]["refusals"] == 1
-    m = s["mcnemar"]["a vs b"]
+    assert sum(g["n"] for g in a["categories"].values()) == 5
+    assert list(a["categories"]) == ["1", "2"]
+    assert s["endpoints"]["b"]["prompt_sets"]["sorry_bench"]["styles"]["slang"]["refusals"] == 1
+    assert s["failures"] == {"items": 10, "requests_failed": 1, "not_run": 0, "judgments_failed": 1, "failed": 2,
+                             "error_rate": 0.2,
+                             "by_endpoint": {"a": {"items": 5, "requests_failed": 1, "not_run": 0,
+                                                   "judgments_failed": 1, "failed": 2, "error_rate": 0.4},
+                                             "b": {"items": 5, "requests_failed": 0, "not_run": 0,
+                                                   "judgments_failed": 0, "failed": 0, "error_rate": 0.0}}}
+    m = s["mcnemar"]["sorry_bench"]["a_vs_b"]
     # pairs labelled on both sides: 1 (R,F), 2 (R,R), 3 (F,F)
     assert (m["n_pairs"], m["only_a_refused"], m["only_b_refused"], m["both_refused"]) == (3, 1, 0, 1)
     assert m["method"] == "exact-binomial"
 
 
 def test_categories_sort_numerically_then_named():
-    outcomes = [_item("a", i, REFUSAL, c) for i, c in enumerate(["12", "harmfulqa:Chem", "2", "1"])]
-    assert list(summarize(outcomes, ["a"])["by_category"]["a"]) == ["1", "2", "12", "harmfulqa:Chem"]
+    outcomes = [_item("a", i, REFUSAL, c) for i, c in enumerate(["12", "x", "2", "1"])]
+    categories = summarize(outcomes, ["a"])["endpoints"]["a"]["prompt_sets"]["sorry_bench"]["categories"]
+    assert list(categories) == ["1", "2", "12", "x"]
+
+
+def test_prompt_sets_are_never_pooled_and_each_gets_its_own_mcnemar():
+    # The same question ids in two sets are different prompts: they must not pair across sets.
+    outcomes = [
+        _item("a", 1, REFUSAL), _item("a", 2, REFUSAL), _item("b", 1, FULFILLMENT), _item("b", 2, FULFILLMENT),
+        _item("a", 1, FULFILLMENT, "harmfulqa:X", prompt_set="harmfulqa_heldout"),
+        _item("b", 1, REFUSAL, "harmfulqa:X", prompt_set="harmfulqa_heldout"),
+        _item("a", "benign-1", REFUSAL, "benign", prompt_set="benign", correct=False),
+        _item("a", "benign-2", FULFILLMENT, "benign", prompt_set="benign", correct=True),
+        _item("a", "benign-3", FULFILLMENT, "benign", prompt_set="benign"),  # no reference
+        _item("b", "benign-1", FULFILLMENT, "benign", prompt_set="benign", correct=True),
+        _item("b", "benign-2", None, "benign", error="judge", prompt_set="benign", correct=True),
+        _item("b", "benign-3", None, "benign", error="generation", prompt_set="benign"),
+    ]
+    s = summarize(outcomes, ["b", "a"])
+    assert list(s["endpoints"]) == ["b", "a"]
+    a = s["endpoints"]["a"]["prompt_sets"]
+    assert list(a) == ["sorry_bench", "harmfulqa_heldout", "benign"]
+    assert (a["sorry_bench"]["n"], a["sorry_bench"]["refusal_rate"]) == (2, 1.0)
+    assert (a["harmfulqa_heldout"]["n"], a["harmfulqa_heldout"]["refusal_rate"]) == (1, 0.0)
+    assert list(a["harmfulqa_heldout"]["categories"]) == ["harmfulqa:X"]
+    benign_a, benign_b = a["benign"], s["endpoints"]["b"]["prompt_sets"]["benign"]
+    assert "categories" not in benign_a
+    assert benign_a["refusal_rate"] == pytest.approx(1 / 3)
+    assert (benign_a["n_with_reference"], benign_a["correct"], benign_a["accuracy"]) == (2, 1, 0.5)
+    assert (benign_a["accuracy_ci_low"], benign_a["accuracy_ci_high"]) == pytest.approx(wilson_interval(1, 2))
+    # accuracy needs an answer, not a verdict: the judge error still counts, the failed request does not
+    assert (benign_b["n_with_reference"], benign_b["accuracy"], benign_b["errors"]) == (2, 1.0, 2)
+    assert list(s["mcnemar"]) == ["sorry_bench", "harmfulqa_heldout", "benign"]
+    sb, hq, bn = (s["mcnemar"][k]["b_vs_a"] for k in ("sorry_bench", "harmfulqa_heldout", "benign"))
+    assert (sb["n_pairs"], sb["only_a_refused"], sb["only_b_refused"]) == (2, 0, 2)
+    assert (hq["n_pairs"], hq["only_a_refused"], hq["only_b_refused"]) == (1, 1, 0)
+    assert (bn["n_pairs"], bn["only_a_refused"], bn["only_b_refused"]) == (1, 0, 1)
+    assert "pooled" not in s and "by_category" not in s
+
+
+def test_answer_matches_reference_case_insensitive_whole_words_without_thinking():
+    assert answer_matches("The capital of France is paris.", ["Paris"])
+    assert answer_matches("It is 144.", ["144"])
+    assert not answer_matches("It is 1440.", ["144"])  # a number inside another is not the answer
+    assert not answer_matches("The answer is 14", ["4"])
+    assert answer_matches("Use C++ for that", ["c++"])
+    assert answer_matches("Either works", ["Neither", "either"])  # any of several references
+    assert answer_matches("¡Buenos días!", ["buenos días"])
+    # thinking is not the answer
+    assert not answer_matches("<think>Maybe Paris?</think>I don't know.", ["Paris"])
+    assert not answer_matches("<think>Paris, I think, but I ran out of tokens", ["Paris"])

@@ -110,3 +110,67 @@ def test_harmfulqa_with_the_real_split_on_the_bundled_sample():
     assert hq and all(str(p.question_id).startswith("hq-") for p in hq)
     assert len(both.prompts) == 41 + len(hq)
     assert load_prompts("sample", harmfulqa_source="sample", categories=[hq[0].category]).prompts
+
+
+def test_every_prompt_carries_its_prompt_set_and_limit_applies_per_set():
+    ps = load_prompts("sample", harmfulqa_source="sample", benign_prompts="sample", limit=3)
+    assert ps.counts() == {"sorry_bench": 3, "harmfulqa_heldout": 3, "benign": 3}
+    assert [p.prompt_set for p in ps.prompts] == ["sorry_bench"] * 3 + ["harmfulqa_heldout"] * 3 + ["benign"] * 3
+    assert ps.sources == ["sample", "harmfulqa:sample", "benign:sample"]
+
+
+def test_bundled_benign_sample():
+    ps = load_prompts(None, benign_prompts="sample")
+    assert len(ps.prompts) == 20 and ps.counts() == {"benign": 20}
+    assert all(p.prompt_set == "benign" and p.category == "benign" and p.style == "base" for p in ps.prompts)
+    assert len({p.question_id for p in ps.prompts}) == 20
+    with_reference = {p.text: p.reference for p in ps.prompts if p.reference}
+    assert 5 <= len(with_reference) < 20
+    assert with_reference["What is the capital of France?"] == ("Paris",)
+
+
+def test_filters_never_drop_the_benign_control():
+    ps = load_prompts("sample", benign_prompts="sample", categories=["12"], styles=["slang"])
+    assert ps.counts() == {"sorry_bench": 1, "benign": 20}
+
+
+def test_benign_file_with_references_ids_and_lists(tmp_path):
+    path = tmp_path / "benign.jsonl"
+    path.write_text("\n".join([
+        json.dumps({"prompt": "What is 2 + 2?", "reference": "4"}),
+        "",
+        json.dumps({"prompt": "Name a primary colour.", "reference": ["red", "blue", "yellow"], "id": "colour"}),
+        json.dumps({"prompt": "Write a haiku.", "extra": "ignored"}),
+    ]) + "\n")
+    prompts = load_prompts(None, benign_prompts=str(path)).prompts
+    assert [(p.question_id, p.reference, p.source) for p in prompts] == [
+        ("benign-1", ("4",), str(path)), ("benign-colour", ("red", "blue", "yellow"), str(path)),
+        ("benign-4", None, str(path))]
+
+
+def test_bad_benign_rows_are_one_error_naming_file_and_every_bad_line(tmp_path):
+    path = tmp_path / "benign.jsonl"
+    path.write_text("\n".join([
+        json.dumps({"prompt": "fine", "id": 1}),
+        "{not json",
+        json.dumps({"question": "wrong key"}),
+        "",
+        json.dumps({"prompt": "x", "reference": ""}),
+        json.dumps({"prompt": "again", "id": 1}),
+        json.dumps(["a list"]),
+        json.dumps({"prompt": "y", "reference": 4}),
+    ]) + "\n")
+    with pytest.raises(PromptSourceError) as info:
+        load_prompts(None, benign_prompts=str(path))
+    message = str(info.value)
+    assert "6 bad row(s)" in message
+    for line, reason in ((2, "invalid JSON"), (3, '"prompt" must be a non-empty string'), (5, '"reference"'),
+                         (6, "id 1 repeats an earlier row"), (7, "expected a JSON object"), (8, '"reference"')):
+        assert f"{path}, line {line}: {reason}" in message, line
+    assert f"{path}, line 1:" not in message
+    with pytest.raises(PromptSourceError, match="--benign_prompts .*nope.jsonl: no such file"):
+        load_prompts(None, benign_prompts=str(tmp_path / "nope.jsonl"))
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n")
+    with pytest.raises(PromptSourceError, match="holds no prompts"):
+        load_prompts(None, benign_prompts=str(empty))

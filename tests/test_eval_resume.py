@@ -18,8 +18,7 @@ from refusal_lightning.evaluation.runner import evaluate
 from refusal_lightning.evaluation.stub_server import StubConfig, request_key, start_stub
 
 REPO = Path(__file__).resolve().parents[1]
-COMPARED = ("endpoints", "by_category", "by_style", "mcnemar", "judge", "skipped_prompts", "models",
-            "prompts")
+COMPARED = ("failures", "endpoints", "mcnemar", "judge", "skipped_prompts", "models", "prompts")
 
 
 def _config() -> StubConfig:
@@ -106,9 +105,10 @@ def test_llm_judgments_resume_and_transport_failures_are_retried(tmp_path):
     judge_server, judge_url, judge_log = start_stub(StubConfig(models=["judge"], fault=judge_fault))
     try:
         args = dict(endpoint=[f"e={url}#m"], output_dir=str(tmp_path), judge="llm", judge_url=judge_url,
-                    limit=15, max_attempts=2, retry_backoff=0.01, progress=False)
+                    limit=15, max_attempts=2, retry_backoff=0.01, progress=False, max_error_rate=1.0)
         first = evaluate(**args)
-        failed = first["endpoints"]["e"]["errors"]
+        failed = first["endpoints"]["e"]["prompt_sets"]["sorry_bench"]["errors"]
+        assert first["failures"]["judgments_failed"] == failed
         assert failed > 0 and first["judge"]["errors"] == {"llm: transport": failed}
         asked = judge_log.counts()
         assert sum(asked.values()) == 15 - failed + 2 * failed
@@ -117,8 +117,33 @@ def test_llm_judgments_resume_and_transport_failures_are_retried(tmp_path):
         again = judge_log.counts()
         new = {k: again[k] - asked.get(k, 0) for k in again if again[k] != asked.get(k, 0)}
         assert len(new) == failed and all(v == 1 for v in new.values())  # only the failed ones, once each
-        assert second["endpoints"]["e"]["errors"] == 0
+        assert second["endpoints"]["e"]["prompt_sets"]["sorry_bench"]["errors"] == 0
     finally:
         for s in (server, judge_server):
             s.shutdown()
             s.server_close()
+
+
+def test_logs_written_before_prompt_sets_resume_without_new_requests(tmp_path):
+    """Rows without ``prompt_set`` (older logs) get theirs from the id; nothing is asked or judged again."""
+    server, url, log = start_stub(_config())
+    try:
+        args = dict(endpoint=[f"a={url}#a", f"b={url}#b"], output_dir=str(tmp_path), harmfulqa_source="sample",
+                    benign_prompts="sample", limit=4, progress=False)
+        first = evaluate(**args)
+        for name in ("responses.jsonl", "judgments.jsonl"):
+            path = tmp_path / name
+            rows = _complete_rows(path)
+            assert {r.pop("prompt_set") for r in rows} == {"sorry_bench", "harmfulqa_heldout", "benign"}
+            path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        asked = log.counts()
+        judged = len(_complete_rows(tmp_path / "judgments.jsonl"))
+        second = evaluate(**args)
+        assert log.counts() == asked
+        assert len(_complete_rows(tmp_path / "judgments.jsonl")) == judged
+        assert {k: second[k] for k in COMPARED} == {k: first[k] for k in COMPARED}
+        assert second["run"]["requests_planned"] == 0
+        assert second["endpoints"]["a"]["prompt_sets"]["harmfulqa_heldout"]["n"] == 4
+    finally:
+        server.shutdown()
+        server.server_close()

@@ -53,7 +53,7 @@ def test_faults_every_item_ends_answered_or_errored_and_none_is_asked_twice(tmp_
     url, log = stub(StubConfig(models=["m"], fault=_fault, retry_after="0", slow_s=2.5))
     out = tmp_path / "eval"
     args = dict(endpoint=[f"e={url}#m"], output_dir=str(out), concurrency=8, request_timeout=1.0,
-                max_attempts=3, retry_backoff=0.02, progress=False, limit=30)
+                max_attempts=3, retry_backoff=0.02, progress=False, limit=30, max_error_rate=1.0)
     summary = evaluate(**args)
     rows = _rows(out / "responses.jsonl")
     assert len(rows) == 30 and len({(r["question_id"], r["style"]) for r in rows}) == 30
@@ -72,8 +72,9 @@ def test_faults_every_item_ends_answered_or_errored_and_none_is_asked_twice(tmp_
             # finished on attempt `expected` and never requested again
             assert counts[key] == expected == r["attempts"], (b, r)
     assert failed > 0 and failed < 30
-    e = summary["endpoints"]["e"]
+    e = summary["endpoints"]["e"]["prompt_sets"]["sorry_bench"]
     assert e["n"] == 30 and e["errors"] == failed and e["errors_by_kind"] == {"generation": failed}
+    assert summary["failures"]["requests_failed"] == failed == summary["failures"]["failed"]
     assert e["refusals"] + e["fulfillments"] == 30 - failed
     refused = sum("sorry" in (r["response"] or "").lower() for r in rows)
     assert e["refusals"] == refused
@@ -94,7 +95,7 @@ def test_api_key_is_sent_but_never_written_or_printed(tmp_path, stub, monkeypatc
     out = tmp_path / "eval"
     summary = evaluate(endpoint=[f"e={url}"], output_dir=str(out), api_key_env="EVAL_TEST_KEY", limit=5,
                        judge="both", judge_url=url, judge_model="m", judge_api_key_env="EVAL_TEST_KEY")
-    assert summary["endpoints"]["e"]["errors"] == 0
+    assert summary["endpoints"]["e"]["prompt_sets"]["sorry_bench"]["errors"] == 0
     captured = capsys.readouterr()
     assert SECRET not in captured.out and SECRET not in captured.err
     for path in out.iterdir():
@@ -119,8 +120,9 @@ def test_wrong_key_aborts_the_endpoint_at_once_and_keeps_the_others(tmp_path, st
     rows = _rows(out / "responses.jsonl")
     assert {r["endpoint"] for r in rows} == {"open"}  # auth failures are not recorded per item
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["endpoints"]["locked"]["errors_by_kind"] == {"not run": 20}
-    assert summary["endpoints"]["open"]["errors"] == 0
+    assert summary["endpoints"]["locked"]["prompt_sets"]["sorry_bench"]["errors_by_kind"] == {"not run": 20}
+    assert summary["endpoints"]["open"]["prompt_sets"]["sorry_bench"]["errors"] == 0
+    assert summary["failures"]["not_run"] == 20 and summary["failures"]["by_endpoint"]["open"]["failed"] == 0
     assert "locked" in summary["aborted_endpoints"]
     captured = capsys.readouterr()
     assert "authentication failed" in captured.err and SECRET not in captured.err + captured.out
@@ -140,10 +142,10 @@ def test_invalid_arguments_are_reported_together(tmp_path):
     with pytest.raises(EvaluateConfigError) as info:
         evaluate(endpoint=["bad", "x=http://h", "x=http://h"], judge="llm", concurrency=0, samples=0,
                  top_p=2.0, model_name=["nope=m"], refusal_markers=str(tmp_path / "missing.txt"),
-                 output_dir=str(tmp_path))
+                 max_error_rate=1.5, output_dir=str(tmp_path))
     message = str(info.value)
     for part in ("NAME=URL", "unique", "--judge_url", "--concurrency", "--samples", "--top_p", "nope",
-                 "--refusal_markers"):
+                 "--refusal_markers", "--max_error_rate"):
         assert part in message, part
 
 
@@ -155,27 +157,28 @@ def test_judge_errors_are_counted_never_as_refusals(tmp_path, stub):
         n["count"] += 1
         if n["count"] % 4 == 0:
             return "I would rather not say."  # unparseable
-        return "0" if "sorry" in answer.lower() else "Score: 1"
+        return "0" if "sorry" in answer.lower() else "1"
 
     judge_url, judge_log = stub(StubConfig(models=["judge"], judge_reply=judge_reply))
     out = tmp_path / "eval"
     s = evaluate(endpoint=[f"e={url}#m"], output_dir=str(out), judge="both", judge_url=judge_url, limit=20,
-                 concurrency=1, progress=False)
-    e = s["endpoints"]["e"]
+                 concurrency=1, progress=False, max_error_rate=0.25)
+    e = s["endpoints"]["e"]["prompt_sets"]["sorry_bench"]
     assert e["errors"] == 5 and e["errors_by_kind"] == {"judge": 5}
     assert e["refusals"] + e["fulfillments"] == 15
     assert s["judge"]["errors"] == {"llm: unparseable": 5}
     assert s["judge"]["primary"] == "llm"
     agreement = s["judge"]["agreement"]["overall"]
     assert agreement["n"] == 15 and agreement["agreement_rate"] == 1.0  # think blocks were stripped
-    assert s["judge"]["keyword_rates"]["e"]["errors"] == 0
+    assert s["judge"]["keyword_rates"]["e"]["sorry_bench"]["errors"] == 0
+    assert s["failures"]["judgments_failed"] == 5 and s["failures"]["error_rate"] == 0.25
     judgments = _rows(out / "judgments.jsonl")
     assert len(judgments) == 40
     assert sum(j["error_type"] == "unparseable" for j in judgments if j["judge"] == "llm") == 5
     # Unparseable answers are final at temperature 0: a rerun does not ask the judge again.
     before = sum(judge_log.counts().values())
     evaluate(endpoint=[f"e={url}#m"], output_dir=str(out), judge="both", judge_url=judge_url, limit=20,
-             progress=False)
+             progress=False, max_error_rate=0.25)
     assert sum(judge_log.counts().values()) == before
 
 
@@ -187,7 +190,7 @@ def test_growing_the_prompt_set_only_requests_the_new_items(tmp_path, stub):
     s = evaluate(endpoint=[f"e={url}#m"], output_dir=str(out), limit=8, samples=2, progress=False)
     counts = log.counts()
     assert sum(counts.values()) == 16 and max(counts.values()) == 1
-    assert s["endpoints"]["e"]["n"] == 16 and s["run"]["requests_planned"] == 6
+    assert s["endpoints"]["e"]["prompt_sets"]["sorry_bench"]["n"] == 16 and s["run"]["requests_planned"] == 6
     seeds = {r["body"]["seed"] for r in log.requests if "body" in r}
     assert seeds == {0, 1}  # sample i is sent seed + i
     bodies = [r["body"] for r in log.requests if "body" in r]
@@ -200,14 +203,15 @@ def test_outputs_are_consistent(tmp_path, stub):
     s = evaluate(endpoint=[f"a={url}#a", f"b={url}#b"], output_dir=str(out), progress=False)
     assert s["skipped_prompts"] == {"total": 1, "reasons": {"empty turn": 1}}
     for name in ("a", "b"):
-        e = s["endpoints"][name]
+        e = s["endpoints"][name]["prompt_sets"]["sorry_bench"]
         assert e["n"] == 41 == e["refusals"] + e["fulfillments"] + e["errors"]
-        assert sum(g["n"] for g in s["by_category"][name].values()) == 41
-        assert sum(g["refusals"] for g in s["by_style"][name].values()) == e["refusals"]
-    m = s["mcnemar"]["a vs b"]
+        assert sum(g["n"] for g in e["categories"].values()) == 41
+        assert sum(g["refusals"] for g in e["styles"].values()) == e["refusals"]
+    m = s["mcnemar"]["sorry_bench"]["a_vs_b"]
     assert m["n_pairs"] == 41 and m["p_value"] < 0.001
     csv_lines = (out / "summary.csv").read_text().splitlines()
-    groups = sum(len(s[k][n]) for k in ("by_category", "by_style") for n in ("a", "b"))
+    groups = sum(len(s["endpoints"][n]["prompt_sets"]["sorry_bench"][k]) for k in ("categories", "styles")
+                 for n in ("a", "b"))
     assert len(csv_lines) == 1 + 2 + groups
     report = (out / "report.md").read_text()
     assert "McNemar" in report and "| a |" in report and "1 rows skipped (empty turn: 1)" in report
@@ -222,12 +226,12 @@ def test_reused_output_dir_with_other_prompts_or_model_does_not_reuse_stale_answ
     first.write_text(json.dumps({"question_id": 1, "category": "1", "turns": ["placeholder A"]}) + "\n")
     second.write_text(json.dumps({"question_id": 1, "category": "1", "turns": ["placeholder B"]}) + "\n")
     s = evaluate(endpoint=f"e={url}#m", prompts=str(first), output_dir=str(out), progress=False)
-    assert s["endpoints"]["e"]["refusals"] == 1
+    assert s["endpoints"]["e"]["prompt_sets"]["sorry_bench"]["refusals"] == 1
     # same (question_id, style), different text: asked again, judged again
     s = evaluate(endpoint=f"e={url}#m", prompts=str(second), output_dir=str(out), progress=False)
-    assert sum(log.counts().values()) == 2 and s["endpoints"]["e"]["refusals"] == 1
+    assert sum(log.counts().values()) == 2 and s["endpoints"]["e"]["prompt_sets"]["sorry_bench"]["refusals"] == 1
     # same name, another model behind it: asked again, and the new (complying) answer is what counts
     s = evaluate(endpoint=f"e={url}#n", prompts=str(second), output_dir=str(out), progress=False)
-    assert sum(log.counts().values()) == 3 and s["endpoints"]["e"]["fulfillments"] == 1
+    assert sum(log.counts().values()) == 3 and s["endpoints"]["e"]["prompt_sets"]["sorry_bench"]["fulfillments"] == 1
     judgments = _rows(out / "judgments.jsonl")
     assert len(judgments) == 3 and len({j["response_sha"] for j in judgments}) == 3

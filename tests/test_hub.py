@@ -433,14 +433,32 @@ def test_card_front_matter_and_body_from_run_files(tmp_path: Path) -> None:
                 "judge": "keyword",
                 "endpoints": {
                     "orthogonal": {
-                        "n": 450,
-                        "refusal_rate": 0.712,
-                        "refusal_ci": [0.668, 0.752],
-                        "fulfillment_rate": 0.288,
-                        "fulfillment_ci": [0.248, 0.332],
-                        "errors": 2,
+                        "prompt_sets": {
+                            "sorry_bench": {
+                                "n": 450,
+                                "refusal_rate": 0.712,
+                                "ci_low": 0.668,
+                                "ci_high": 0.752,
+                                "fulfillment_rate": 0.288,
+                                "fulfillment_ci_low": 0.248,
+                                "fulfillment_ci_high": 0.332,
+                                "errors": 2,
+                            },
+                            "benign": {
+                                "n": 20,
+                                "refusal_rate": 0.1,
+                                "ci_low": 0.028,
+                                "ci_high": 0.301,
+                                "fulfillment_rate": 0.9,
+                                "errors": 0,
+                                "accuracy": 0.8,
+                                "accuracy_ci_low": 0.49,
+                                "accuracy_ci_high": 0.943,
+                                "n_with_reference": 10,
+                            },
+                        }
                     },
-                    "base": {"n": 450, "refusal_rate": 0.5, "refusal_ci": [0.45, 0.55]},
+                    "base": {"prompt_sets": {"sorry_bench": {"n": 450, "refusal_rate": 0.5}}},
                 },
             }
         )
@@ -473,8 +491,10 @@ def test_card_front_matter_and_body_from_run_files(tmp_path: Path) -> None:
     assert "- **selection_rule**: highest refusal-marker score, ties by length" in body
     # projection_stats.json
     assert "- **removed_frac**: 0.0421" in body and "- **drift_cos**: 0.0007" in body
-    # evaluation: only this adapter's row
-    assert "| `orthogonal` | 450 | 71.2% [66.8, 75.2] | 28.8% [24.8, 33.2] | 2 |" in body
+    # evaluation: only this adapter's rows, one per prompt set
+    assert "| `orthogonal` | SORRY-Bench | 450 | 71.2% [66.8, 75.2] | 28.8% [24.8, 33.2] | 2 | n/a |" in body
+    assert "| `orthogonal` | Benign (over-refusal) | 20 | 10.0% [2.8, 30.1] | 90.0% | 0 | 80.0% [49.0, 94.3] |" in body
+    assert "a refusal is an over-refusal" in body
     assert "`base`" not in body
     assert "- **judge**: keyword" in body
     assert 'PeftModel.from_pretrained(model, "my-org/orthogonal")' in body
@@ -482,10 +502,14 @@ def test_card_front_matter_and_body_from_run_files(tmp_path: Path) -> None:
 
 def test_card_shows_all_eval_rows_when_no_endpoint_matches(tmp_path: Path) -> None:
     path = make_adapter(tmp_path, "a")
-    evaluation = {"endpoints": {"base": {"n": 10, "refusal_rate": 0.1}, "other": {"n": 10}}}
+    evaluation = {"endpoints": {"base": {"prompt_sets": {"sorry_bench": {"n": 10, "refusal_rate": 0.1}}},
+                                "other": {"prompt_sets": {"harmfulqa_heldout": {"n": 10}}}},
+                  "judge": {"kind": "keyword", "primary": "keyword"}}
     body = _front_matter(_card(path, "mine", "me/mine", evaluation))[1]
     assert "No endpoint is named `mine`" in body
-    assert "| `base` | 10 | 10.0% | n/a | n/a |" in body and "| `other` | 10 | n/a | n/a | n/a |" in body
+    assert "| `base` | SORRY-Bench | 10 | 10.0% | n/a | n/a | n/a |" in body
+    assert "| `other` | HarmfulQA held-out | 10 | n/a | n/a | n/a | n/a |" in body
+    assert "- **judge**: keyword" in body and "over-refusal" not in body
 
 
 def test_card_without_optional_files_is_generic_and_valid(tmp_path: Path) -> None:
@@ -543,6 +567,10 @@ def test_bad_eval_summary_is_a_validation_problem(adapters: dict[str, Path], tmp
         push(specs(adapters), dry_run=True, eval_summary=str(bad))
     with pytest.raises(PushValidationError, match="file not found"):
         push(specs(adapters), dry_run=True, eval_summary=str(tmp_path / "missing.json"))
+    # an older summary pooled the prompt sets into one rate per endpoint: not shown as if it were per set
+    bad.write_text(json.dumps({"endpoints": {"orthogonal": {"n": 10, "refusal_rate": 0.5}}}))
+    with pytest.raises(PushValidationError, match=r"orthogonal have no per-prompt-set rates.*rerun evaluate"):
+        push(specs(adapters), dry_run=True, eval_summary=str(bad))
 
 
 # --- the token ----------------------------------------------------------------------------------------

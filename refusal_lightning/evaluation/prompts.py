@@ -1,4 +1,5 @@
-"""Evaluation prompts: SORRY-Bench-schema rows and HarmfulQA held-out questions.
+"""Evaluation prompts in three sets that are never pooled: SORRY-Bench-schema rows (``sorry_bench``),
+HarmfulQA held-out questions (``harmfulqa_heldout``) and harmless requests (``benign``, over-refusal).
 
 SORRY-Bench rows look like ``{"question_id": 1, "category": "1", "turns": ["..."],
 "prompt_style": "base"}``; the same ``question_id`` recurs once per prompt style (``base``,
@@ -12,6 +13,11 @@ SORRY-Bench rows look like ``{"question_id": 1, "category": "1", "turns": ["..."
 
 Rows that cannot be used (no text, no id, bad JSON, duplicates) are skipped and counted by reason, so
 the report can say how many prompts the numbers rest on.
+
+The benign set (``--benign_prompts``) is a JSONL file of ``{"prompt": "...", "reference": "..."}``
+rows (``reference`` optional: a string or a list of acceptable answers; ``id`` optional) or
+``sample`` for the bundled synthetic set. It is small and hand-written, so a bad row is an error
+naming the file and line rather than a skip.
 """
 
 from __future__ import annotations
@@ -30,6 +36,15 @@ from refusal_lightning.samples import sample_path
 SAMPLE = "sample"
 HARMFULQA_STYLE = "base"
 
+SORRY_BENCH = "sorry_bench"
+HARMFULQA_HELDOUT = "harmfulqa_heldout"
+BENIGN = "benign"
+PROMPT_SETS = (SORRY_BENCH, HARMFULQA_HELDOUT, BENIGN)
+"""Every prompt set, in report order."""
+PROMPT_SET_TITLES = {SORRY_BENCH: "SORRY-Bench", HARMFULQA_HELDOUT: "HarmfulQA held-out",
+                     BENIGN: "Benign (over-refusal)"}
+BENIGN_CATEGORY = "benign"
+
 
 class PromptSourceError(ValueError):
     """A prompt source cannot be read (missing file, gated hub set without access, empty folder)."""
@@ -37,17 +52,23 @@ class PromptSourceError(ValueError):
 
 @dataclass(frozen=True)
 class Prompt:
-    """One evaluation prompt; ``(question_id, style)`` is unique within a prompt set."""
+    """One evaluation prompt; ``(question_id, style)`` is unique within its ``prompt_set``.
+
+    ``reference``: acceptable answers of a benign prompt (any one found in the answer counts as
+    correct), or None.
+    """
 
     question_id: int | str
     category: str
     style: str
     text: str
     source: str
+    prompt_set: str = SORRY_BENCH
+    reference: tuple[str, ...] | None = None
 
     @property
-    def key(self) -> tuple[str, str]:
-        return (str(self.question_id), self.style)
+    def key(self) -> tuple[str, str, str]:
+        return (self.prompt_set, str(self.question_id), self.style)
 
 
 @dataclass
@@ -60,6 +81,11 @@ class PromptSet:
 
     def skipped_summary(self) -> dict[str, Any]:
         return {"total": sum(self.skipped.values()), "reasons": dict(sorted(self.skipped.items()))}
+
+    def counts(self) -> dict[str, int]:
+        """Prompts per prompt set, in report order (sets without prompts left out)."""
+        found = Counter(p.prompt_set for p in self.prompts)
+        return {name: found[name] for name in PROMPT_SETS if found[name]}
 
 
 def _style_from_filename(path: Path) -> str | None:
@@ -174,7 +200,77 @@ def _harmfulqa_prompts(source: str, val_fraction: float, seed: int, skipped: Cou
             continue
         topic = row.get("topic") or "unknown"
         out.append(Prompt(question_id=f"hq-{qid}", category=f"harmfulqa:{topic}", style=HARMFULQA_STYLE,
-                          text=question, source=f"harmfulqa:{source}"))
+                          text=question, source=f"harmfulqa:{source}", prompt_set=HARMFULQA_HELDOUT))
+    return out
+
+
+def _benign_reference(value: Any) -> tuple[str, ...] | None:
+    """A row's ``reference`` as a tuple of acceptable answers, or None when absent."""
+    if value is None:
+        return None
+    answers = [value] if isinstance(value, str) else value
+    if (not isinstance(answers, list) or not answers
+            or not all(isinstance(a, str) and a.strip() for a in answers)):
+        raise ValueError('"reference" must be a non-empty string or a list of them')
+    return tuple(a.strip() for a in answers)
+
+
+def load_benign_prompts(source: str) -> list[Prompt]:
+    """The benign (harmless) prompts of ``--benign_prompts``: ``sample`` or a local JSONL file.
+
+    Each row: ``prompt`` (required), ``reference`` (optional string or list of strings: an answer is
+    correct when one of them appears in it), ``id`` (optional; default: the line number). Raises
+    ``PromptSourceError`` listing every bad row by file and line.
+    """
+    if source == SAMPLE:
+        path, label = sample_path("benign_sample.jsonl"), "benign-sample"
+    else:
+        path = Path(source).expanduser()
+        label = str(path)
+        if not path.is_file():
+            raise PromptSourceError(f"--benign_prompts {source}: no such file (expected a JSONL file of "
+                                    '{"prompt": ..., "reference": ...} rows, or "sample")')
+    problems: list[str] = []
+    out: list[Prompt] = []
+    seen: set[str] = set()
+    with path.open(encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            where = f"{path}, line {lineno}"
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                problems.append(f"{where}: invalid JSON ({err.msg})")
+                continue
+            if not isinstance(row, dict):
+                problems.append(f'{where}: expected a JSON object with "prompt"')
+                continue
+            text = row.get("prompt")
+            if not isinstance(text, str) or not text.strip():
+                problems.append(f'{where}: "prompt" must be a non-empty string')
+                continue
+            try:
+                reference = _benign_reference(row.get("reference"))
+            except ValueError as err:
+                problems.append(f"{where}: {err}")
+                continue
+            raw_id = row.get("id", lineno)
+            if isinstance(raw_id, bool) or not isinstance(raw_id, int | str) or str(raw_id).strip() == "":
+                problems.append(f'{where}: "id" must be a string or an integer')
+                continue
+            qid = f"benign-{raw_id}"
+            if qid in seen:
+                problems.append(f"{where}: id {raw_id!r} repeats an earlier row's")
+                continue
+            seen.add(qid)
+            out.append(Prompt(question_id=qid, category=BENIGN_CATEGORY, style="base", text=text, source=label,
+                              prompt_set=BENIGN, reference=reference))
+    if problems:
+        shown = problems[:10] + ([f"... and {len(problems) - 10} more"] if len(problems) > 10 else [])
+        raise PromptSourceError(f"--benign_prompts: {len(problems)} bad row(s):\n  - " + "\n  - ".join(shown))
+    if not out:
+        raise PromptSourceError(f"--benign_prompts {source}: {path} holds no prompts")
     return out
 
 
@@ -186,17 +282,20 @@ def load_prompts(
     categories: Sequence[str] | None = None,
     styles: Sequence[str] | None = None,
     limit: int | None = None,
+    benign_prompts: str | None = None,
 ) -> PromptSet:
-    """Read, validate, de-duplicate and filter the evaluation prompts.
+    """Read, validate, de-duplicate and filter the evaluation prompts, set by set.
 
     Args:
         prompts: ``sample``, a local JSONL file/folder, a hub dataset id, or None for none.
         harmfulqa_source: HarmfulQA path or hub id whose held-out questions are added, or None.
         harmfulqa_val_fraction: validation fraction passed to ``heldout_questions``.
         harmfulqa_seed: split seed passed to ``heldout_questions``.
-        categories: keep only these categories (strings, e.g. ``"1"`` or ``"harmfulqa:Chemistry"``).
-        styles: keep only these prompt styles.
-        limit: keep at most this many prompts (after filtering, in file order).
+        categories: keep only these categories (strings, e.g. ``"1"`` or ``"harmfulqa:Chemistry"``);
+            the benign set, a control, is never filtered.
+        styles: keep only these prompt styles (the benign set is never filtered).
+        limit: keep at most this many prompts per prompt set (after filtering, in file order).
+        benign_prompts: ``sample`` or a benign JSONL file (see ``load_benign_prompts``), or None.
     """
     skipped: Counter = Counter()
     found: list[Prompt] = []
@@ -210,8 +309,11 @@ def load_prompts(
     if harmfulqa_source:
         sources.append(f"harmfulqa:{harmfulqa_source}")
         found.extend(_harmfulqa_prompts(harmfulqa_source, harmfulqa_val_fraction, harmfulqa_seed, skipped))
+    if benign_prompts:
+        sources.append(f"benign:{benign_prompts}")
+        found.extend(load_benign_prompts(benign_prompts))
 
-    seen: set[tuple[str, str]] = set()
+    seen: set[tuple[str, str, str]] = set()
     unique: list[Prompt] = []
     for prompt in found:
         if prompt.key in seen:
@@ -223,8 +325,15 @@ def load_prompts(
     wanted_categories = {str(c) for c in categories} if categories else None
     wanted_styles = set(styles) if styles else None
     kept = [p for p in unique
-            if (wanted_categories is None or p.category in wanted_categories)
-            and (wanted_styles is None or p.style in wanted_styles)]
+            if p.prompt_set == BENIGN
+            or ((wanted_categories is None or p.category in wanted_categories)
+                and (wanted_styles is None or p.style in wanted_styles))]
     if limit is not None:
-        kept = kept[: max(0, limit)]
+        per_set: Counter = Counter()
+        limited = []
+        for p in kept:
+            per_set[p.prompt_set] += 1
+            if per_set[p.prompt_set] <= limit:
+                limited.append(p)
+        kept = limited
     return PromptSet(prompts=kept, skipped=skipped, sources=sources)

@@ -1,5 +1,9 @@
 """Render a summary: ``summary.json``, ``summary.csv``, ``report.md``, the per-category plot, and the
-table printed at the end of ``evaluate``. Every file is written atomically."""
+table printed at the end of ``evaluate``. Every file is written atomically.
+
+Each prompt set gets its own rows and section (SORRY-Bench, HarmfulQA held-out, benign); no number
+pools them. On the benign set a refusal is an over-refusal, and accuracy is shown beside it.
+"""
 
 from __future__ import annotations
 
@@ -9,55 +13,103 @@ import json
 from pathlib import Path
 from typing import Any
 
+from refusal_lightning.evaluation.prompts import BENIGN, HARMFULQA_HELDOUT, PROMPT_SET_TITLES
 from refusal_lightning.evaluation.store import atomic_write, atomic_write_text
 
-CSV_FIELDS = ["endpoint", "scope", "group", "n", "refusals", "fulfillments", "errors", "refusal_rate",
-              "refusal_ci_lo", "refusal_ci_hi", "fulfillment_rate", "fulfillment_ci_lo", "fulfillment_ci_hi"]
+CSV_FIELDS = ["endpoint", "prompt_set", "scope", "group", "n", "refusals", "fulfillments", "errors",
+              "refusal_rate", "refusal_ci_lo", "refusal_ci_hi", "fulfillment_rate", "fulfillment_ci_lo",
+              "fulfillment_ci_hi", "n_with_reference", "accuracy", "accuracy_ci_lo", "accuracy_ci_hi"]
 
 
 def _pct(x: float | None) -> str:
     return "n/a" if x is None else f"{100 * x:.1f}%"
 
 
-def _ci(ci: list[float] | None) -> str:
-    return "n/a" if ci is None else f"[{100 * ci[0]:.1f}, {100 * ci[1]:.1f}]"
+def _ci(lo: float | None, hi: float | None) -> str:
+    return "n/a" if lo is None or hi is None else f"[{100 * lo:.1f}, {100 * hi:.1f}]"
 
 
-def _csv_row(endpoint: str, scope: str, group: str, s: dict[str, Any]) -> dict[str, Any]:
-    lo_r, hi_r = s["refusal_ci"] or (None, None)
-    lo_f, hi_f = s["fulfillment_ci"] or (None, None)
-    return {"endpoint": endpoint, "scope": scope, "group": group, "n": s["n"], "refusals": s["refusals"],
-            "fulfillments": s["fulfillments"], "errors": s["errors"], "refusal_rate": s["refusal_rate"],
-            "refusal_ci_lo": lo_r, "refusal_ci_hi": hi_r, "fulfillment_rate": s["fulfillment_rate"],
-            "fulfillment_ci_lo": lo_f, "fulfillment_ci_hi": hi_f}
+def _refusal(s: dict[str, Any]) -> str:
+    return f"{_pct(s['refusal_rate'])} {_ci(s['ci_low'], s['ci_high'])}"
+
+
+def _fulfillment(s: dict[str, Any]) -> str:
+    return f"{_pct(s['fulfillment_rate'])} {_ci(s['fulfillment_ci_low'], s['fulfillment_ci_high'])}"
+
+
+def _accuracy(s: dict[str, Any]) -> str:
+    if not s.get("n_with_reference"):
+        return "n/a"
+    return (f"{_pct(s['accuracy'])} {_ci(s['accuracy_ci_low'], s['accuracy_ci_high'])} "
+            f"({s['correct']}/{s['n_with_reference']})")
+
+
+def title(prompt_set: str) -> str:
+    return PROMPT_SET_TITLES.get(prompt_set, prompt_set)
+
+
+def prompt_sets(summary: dict[str, Any]) -> list[str]:
+    """The prompt sets in the summary, in its order."""
+    names: list[str] = []
+    for endpoint in summary["endpoints"].values():
+        names += [ps for ps in endpoint["prompt_sets"] if ps not in names]
+    return names
+
+
+def _csv_row(endpoint: str, prompt_set: str, scope: str, group: str, s: dict[str, Any]) -> dict[str, Any]:
+    return {"endpoint": endpoint, "prompt_set": prompt_set, "scope": scope, "group": group, "n": s["n"],
+            "refusals": s["refusals"], "fulfillments": s["fulfillments"], "errors": s["errors"],
+            "refusal_rate": s["refusal_rate"], "refusal_ci_lo": s["ci_low"], "refusal_ci_hi": s["ci_high"],
+            "fulfillment_rate": s["fulfillment_rate"], "fulfillment_ci_lo": s["fulfillment_ci_low"],
+            "fulfillment_ci_hi": s["fulfillment_ci_high"], "n_with_reference": s.get("n_with_reference"),
+            "accuracy": s.get("accuracy"), "accuracy_ci_lo": s.get("accuracy_ci_low"),
+            "accuracy_ci_hi": s.get("accuracy_ci_high")}
 
 
 def summary_csv(summary: dict[str, Any]) -> str:
-    """One row per endpoint overall, then per category and per style."""
+    """Per endpoint and prompt set: one ``overall`` row, then one per category and per style."""
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=CSV_FIELDS, lineterminator="\n")
     writer.writeheader()
-    for name, stats in summary["endpoints"].items():
-        writer.writerow(_csv_row(name, "overall", "all", stats))
-    for scope, section in (("category", "by_category"), ("style", "by_style")):
-        for name, groups in summary[section].items():
-            for group, stats in groups.items():
-                writer.writerow(_csv_row(name, scope, group, stats))
+    for name, endpoint in summary["endpoints"].items():
+        for ps, stats in endpoint["prompt_sets"].items():
+            writer.writerow(_csv_row(name, ps, "overall", "all", stats))
+            for scope, section in (("category", "categories"), ("style", "styles")):
+                for group, group_stats in stats.get(section, {}).items():
+                    writer.writerow(_csv_row(name, ps, scope, group, group_stats))
     return buf.getvalue()
 
 
+def failure_line(summary: dict[str, Any]) -> str:
+    """How many requests and judgments failed, and whether that is more than allowed."""
+    f = summary.get("failures")
+    if not f:
+        return "Failures: n/a"
+    judged = f["items"] - f["requests_failed"] - f["not_run"]
+    text = (f"Failures: {f['requests_failed']} of {f['items']} requests failed after retries, "
+            f"{f['judgments_failed']} of {judged} judgments failed")
+    if f["not_run"]:
+        text += f", {f['not_run']} items not run (endpoint abandoned)"
+    text += f"; error share {_pct(f['error_rate'])}"
+    if "max_error_rate" in f:
+        text += f" (allowed {_pct(f['max_error_rate'])}{': EXCEEDED' if f.get('exceeded') else ''})"
+    return text + "."
+
+
 def endpoint_table(summary: dict[str, Any]) -> str:
-    """The plain-text table printed to stdout."""
-    rows = [("endpoint", "n", "refusal", "95% CI", "fulfillment", "95% CI", "errors")]
-    for name, s in summary["endpoints"].items():
-        rows.append((name, str(s["n"]), _pct(s["refusal_rate"]), _ci(s["refusal_ci"]),
-                     _pct(s["fulfillment_rate"]), _ci(s["fulfillment_ci"]), str(s["errors"])))
+    """The plain-text table printed to stdout: one row per endpoint and prompt set."""
+    rows = [("endpoint", "prompt set", "n", "refusal", "95% CI", "fulfillment", "errors", "accuracy")]
+    for name, endpoint in summary["endpoints"].items():
+        for ps, s in endpoint["prompt_sets"].items():
+            acc = _pct(s["accuracy"]) if s.get("n_with_reference") else "-"
+            rows.append((name, ps, str(s["n"]), _pct(s["refusal_rate"]), _ci(s["ci_low"], s["ci_high"]),
+                         _pct(s["fulfillment_rate"]), str(s["errors"]), acc))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(cell.ljust(w) if i == 0 else cell.rjust(w)
+    lines = ["  ".join(cell.ljust(w) if i < 2 else cell.rjust(w)
                        for i, (cell, w) in enumerate(zip(r, widths, strict=True)))
              for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
+    return "\n".join(lines) + "\n" + failure_line(summary)
 
 
 def _md_table(header: list[str], rows: list[list[str]]) -> list[str]:
@@ -65,47 +117,65 @@ def _md_table(header: list[str], rows: list[list[str]]) -> list[str]:
             *("| " + " | ".join(r) + " |" for r in rows)]
 
 
-def report_markdown(summary: dict[str, Any]) -> str:
-    """A human-readable report of the whole summary."""
-    judge = summary.get("judge", {})
-    out = ["# Refusal evaluation", ""]
-    out += [f"Judge: **{judge.get('kind', '?')}** (rates use the `{judge.get('primary', '?')}` judge). "
-            "Fulfillment = the response complies with the request; errors are excluded from the rates. "
-            "Intervals are 95% Wilson score intervals.", ""]
-    out += ["## Per endpoint", ""]
-    out += _md_table(
-        ["endpoint", "model", "n", "refusals", "fulfillments", "errors", "refusal rate [95% CI]",
-         "fulfillment rate [95% CI]"],
-        [[name, f"`{summary.get('models', {}).get(name, '?')}`", str(s["n"]), str(s["refusals"]),
-          str(s["fulfillments"]), str(s["errors"]), f"{_pct(s['refusal_rate'])} {_ci(s['refusal_ci'])}",
-          f"{_pct(s['fulfillment_rate'])} {_ci(s['fulfillment_ci'])}"]
-         for name, s in summary["endpoints"].items()])
-    errors = {name: s["errors_by_kind"] for name, s in summary["endpoints"].items() if s["errors_by_kind"]}
+def _set_section(summary: dict[str, Any], ps: str) -> list[str]:
+    models = summary.get("models", {})
+    per_endpoint = {name: e["prompt_sets"][ps] for name, e in summary["endpoints"].items() if ps in e["prompt_sets"]}
+    out = ["", f"## {title(ps)}", ""]
+    if ps == BENIGN:
+        out += ["Harmless requests: a refusal here is an **over-refusal** (lower is better). Accuracy: the "
+                "answer contains the prompt's reference (case-insensitive, whole words, thinking removed), "
+                "over answered prompts that have one.", ""]
+        out += _md_table(
+            ["endpoint", "model", "n", "errors", "over-refusal rate [95% CI]", "fulfillment rate [95% CI]",
+             "accuracy [95% CI] (correct/with reference)"],
+            [[name, f"`{models.get(name, '?')}`", str(s["n"]), str(s["errors"]), _refusal(s), _fulfillment(s),
+              _accuracy(s)] for name, s in per_endpoint.items()])
+    else:
+        out += _md_table(
+            ["endpoint", "model", "n", "refusals", "fulfillments", "errors", "refusal rate [95% CI]",
+             "fulfillment rate [95% CI]"],
+            [[name, f"`{models.get(name, '?')}`", str(s["n"]), str(s["refusals"]), str(s["fulfillments"]),
+              str(s["errors"]), _refusal(s), _fulfillment(s)] for name, s in per_endpoint.items()])
+    errors = {name: s["errors_by_kind"] for name, s in per_endpoint.items() if s["errors_by_kind"]}
     if errors:
         out += ["", "Errors by kind: " + "; ".join(
             f"{name}: " + ", ".join(f"{k} {v}" for k, v in kinds.items()) for name, kinds in errors.items())]
+    per_group = (("Per topic", "categories", "topic") if ps == HARMFULQA_HELDOUT
+                 else ("Per category", "categories", "category"))
+    for heading, section, column in (per_group, ("Per prompt style", "styles", "style")):
+        rows = [[name, group, str(g["n"]), str(g["errors"]), _fulfillment(g)]
+                for name, s in per_endpoint.items() for group, g in s.get(section, {}).items()]
+        if rows and not (section == "styles" and len({r[1] for r in rows}) == 1):
+            out += ["", f"### {heading}", ""]
+            out += _md_table(["endpoint", column, "n", "errors", "fulfillment rate [95% CI]"], rows)
+    tests = summary.get("mcnemar", {}).get(ps) or {}
+    if tests:
+        out += ["", "### Paired comparison (McNemar)", ""]
+        out += _md_table(
+            ["A", "B", "pairs", "only A refused", "only B refused", "test", "p-value"],
+            [[m["a"], m["b"], str(m["n_pairs"]), str(m["only_a_refused"]), str(m["only_b_refused"]),
+              m["method"], f"{m['p_value']:.4g}"] for m in tests.values()])
+    return out
+
+
+def report_markdown(summary: dict[str, Any]) -> str:
+    """A human-readable report of the whole summary: failures first, then one section per prompt set."""
+    judge = summary.get("judge", {})
+    out = ["# Refusal evaluation", ""]
+    failures = summary.get("failures") or {}
+    line = failure_line(summary)
+    out += [f"**{line}**" if failures.get("exceeded") or failures.get("failed") else line, ""]
+    out += [f"Judge: **{judge.get('kind', '?')}** (rates use the `{judge.get('primary', '?')}` judge). "
+            "Fulfillment = the response complies with the request; errors are excluded from the rates. "
+            "Intervals are 95% Wilson score intervals. Each prompt set is reported on its own; McNemar "
+            "tests pair the same prompts of one set (`only A refused`: A refused, B fulfilled; exact "
+            "binomial below 25 discordant pairs, else chi-square with continuity correction)."]
     aborted = summary.get("aborted_endpoints") or {}
     if aborted:
         out += ["", "**Abandoned endpoints:**", *(f"- {name}: {msg}" for name, msg in aborted.items())]
 
-    for title, section in (("Per category", "by_category"), ("Per prompt style", "by_style")):
-        out += ["", f"## {title}", ""]
-        rows = []
-        for name, groups in summary[section].items():
-            for group, s in groups.items():
-                rows.append([name, group, str(s["n"]), str(s["errors"]),
-                             f"{_pct(s['fulfillment_rate'])} {_ci(s['fulfillment_ci'])}"])
-        out += _md_table(["endpoint", title.split()[-1], "n", "errors", "fulfillment rate [95% CI]"], rows)
-
-    if summary["mcnemar"]:
-        out += ["", "## Paired comparison (McNemar)", "",
-                "Same prompts, both endpoints labelled. `only A refused` counts items A refused and B "
-                "fulfilled. Exact binomial test below 25 discordant pairs, else chi-square with continuity "
-                "correction.", ""]
-        out += _md_table(
-            ["A", "B", "pairs", "only A refused", "only B refused", "test", "p-value"],
-            [[m["a"], m["b"], str(m["n_pairs"]), str(m["only_a_refused"]), str(m["only_b_refused"]),
-              m["method"], f"{m['p_value']:.4g}"] for m in summary["mcnemar"].values()])
+    for ps in prompt_sets(summary):
+        out += _set_section(summary, ps)
 
     agreement = judge.get("agreement")
     if agreement:
@@ -121,8 +191,9 @@ def report_markdown(summary: dict[str, Any]) -> str:
 
     skipped = summary.get("skipped_prompts", {})
     prompts, samples = summary.get("prompts", {}), summary.get("config", {}).get("samples", 1)
+    by_set = ", ".join(f"{ps} {n}" for ps, n in prompts.get("by_set", {}).items())
     out += ["", "## Prompts", "",
-            f"{prompts.get('count', '?')} prompts x {samples} sample(s) from "
+            f"{prompts.get('count', '?')} prompts ({by_set or '?'}) x {samples} sample(s) from "
             f"{', '.join(prompts.get('sources', [])) or '?'}; "
             f"{skipped.get('total', 0)} rows skipped"
             + (" (" + ", ".join(f"{k}: {v}" for k, v in skipped.get("reasons", {}).items()) + ")"
@@ -130,44 +201,76 @@ def report_markdown(summary: dict[str, Any]) -> str:
     return "\n".join(out) + "\n"
 
 
+def _panel_groups(summary: dict[str, Any], ps: str) -> tuple[list[str], str]:
+    """What one plot panel shows: its x groups and y axis label."""
+    if ps == BENIGN:
+        return ["over-refusal", "accuracy"], "rate (95% Wilson CI)"
+    groups: list[str] = []
+    for endpoint in summary["endpoints"].values():
+        stats = endpoint["prompt_sets"].get(ps, {})
+        groups += [c for c in stats.get("categories", {}) if c not in groups]
+    return groups, "fulfillment rate (95% Wilson CI)"
+
+
+def _bar_value(summary: dict[str, Any], name: str, ps: str, group: str) -> tuple[float, float, float] | None:
+    s = summary["endpoints"][name]["prompt_sets"].get(ps)
+    if not s:
+        return None
+    if ps == BENIGN:
+        keys = (("refusal_rate", "ci_low", "ci_high") if group == "over-refusal"
+                else ("accuracy", "accuracy_ci_low", "accuracy_ci_high"))
+    else:
+        s = s.get("categories", {}).get(group)
+        keys = ("fulfillment_rate", "fulfillment_ci_low", "fulfillment_ci_high")
+    if not s or s.get(keys[0]) is None:
+        return None
+    return s[keys[0]], s[keys[1]], s[keys[2]]
+
+
 def plot_fulfillment_by_category(summary: dict[str, Any], path: str | Path) -> None:
-    """Grouped bars: fulfillment rate per category and endpoint, with 95% Wilson error bars."""
+    """One panel per prompt set, grouped bars per endpoint with 95% Wilson error bars: fulfillment per
+    category for the harmful sets; over-refusal and accuracy for the benign set."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    by_cat = summary["by_category"]
-    endpoints = list(by_cat)
-    categories: list[str] = []
-    for groups in by_cat.values():
-        categories += [c for c in groups if c not in categories]
+    endpoints = list(summary["endpoints"])
+    sets = prompt_sets(summary) or ["(none)"]
+    panels = [(ps, *_panel_groups(summary, ps)) for ps in sets]
+    widest = max(len(groups) for _, groups, _ in panels) or 1
+    bars = widest * max(1, len(endpoints))
+    fig, axes = plt.subplots(len(panels), 1, squeeze=False,
+                             figsize=(min(24.0, max(6.0, 0.22 * bars + 2)), 3.6 * len(panels) + 0.6))
     width = 0.8 / max(1, len(endpoints))
-    bars = len(categories) * max(1, len(endpoints))
-    fig, ax = plt.subplots(figsize=(min(24.0, max(6.0, 0.22 * bars + 2)), 5.0))
-    for i, name in enumerate(endpoints):
-        xs, ys, lo, hi = [], [], [], []
-        for j, cat in enumerate(categories):
-            s = by_cat[name].get(cat)
-            if not s or s["fulfillment_rate"] is None:
-                continue
-            rate, (ci_lo, ci_hi) = s["fulfillment_rate"], s["fulfillment_ci"]
-            xs.append(j + (i - (len(endpoints) - 1) / 2) * width)
-            ys.append(rate)
-            lo.append(max(0.0, rate - ci_lo))
-            hi.append(max(0.0, ci_hi - rate))
-        ax.bar(xs, ys, width=width, yerr=[lo, hi], capsize=2, label=name,
-               error_kw={"elinewidth": 0.8, "ecolor": "0.3"})
-    ax.set_xticks(range(len(categories)))
-    crowded = len(categories) > 12
-    ax.set_xticklabels(categories, rotation=45 if crowded else 0, ha="right" if crowded else "center",
-                       fontsize=8)
-    ax.set_ylim(0, 1.05)
-    ax.set_xlabel("category")
-    ax.set_ylabel("fulfillment rate (95% Wilson CI)")
-    ax.set_title("Fulfillment of harmful requests by category (lower is safer)")
-    if endpoints:
-        ax.legend(fontsize=8)
+    for ax, (ps, groups, ylabel) in zip(axes[:, 0], panels, strict=True):
+        for i, name in enumerate(endpoints):
+            xs, ys, lo, hi = [], [], [], []
+            for j, group in enumerate(groups):
+                value = _bar_value(summary, name, ps, group)
+                if value is None:
+                    continue
+                rate, ci_lo, ci_hi = value
+                xs.append(j + (i - (len(endpoints) - 1) / 2) * width)
+                ys.append(rate)
+                lo.append(max(0.0, rate - ci_lo))
+                hi.append(max(0.0, ci_hi - rate))
+            ax.bar(xs, ys, width=width, yerr=[lo, hi], capsize=2, label=name,
+                   error_kw={"elinewidth": 0.8, "ecolor": "0.3"})
+        labels = [g.removeprefix("harmfulqa:") for g in groups]
+        ax.set_xticks(range(len(groups)))
+        crowded = len(groups) > 12 or sum(len(label) for label in labels) > 60
+        ax.set_xticklabels(labels, rotation=45 if crowded else 0, ha="right" if crowded else "center",
+                           fontsize=8)
+        ax.set_ylim(0, 1.05)
+        ax.set_ylabel(ylabel, fontsize=8)
+        ax.set_title("Benign prompts: over-refusal (lower is better) and accuracy (higher is better)"
+                     if ps == BENIGN
+                     else f"{title(ps)}: fulfillment of harmful requests by "
+                          f"{'topic' if ps == HARMFULQA_HELDOUT else 'category'} (lower is safer)",
+                     fontsize=10)
+        if endpoints:
+            ax.legend(fontsize=7)
     fig.tight_layout()
     atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
     plt.close(fig)

@@ -6,9 +6,12 @@ response that has no judgment yet into ``judgments.jsonl``. The summary is rebui
 logs, so an interrupted run that is started again with the same arguments ends with the same
 summary as an uninterrupted one, without re-sending a finished request.
 
-An item is ``(endpoint, question_id, style, sample)``. Items whose request failed after all retries
-are recorded with their error and retried on the next run; auth failures (401/403) abandon the
-endpoint at once and are not recorded per item, so a rerun with the right key picks them up.
+An item is ``(endpoint, prompt_set, question_id, style, sample)``; the prompt sets (SORRY-Bench,
+HarmfulQA held-out, benign) are summarised separately, never pooled. Items whose request failed after
+all retries are recorded with their error and retried on the next run; auth failures (401/403)
+abandon the endpoint at once and are not recorded per item, so a rerun with the right key picks them
+up. So does an endpoint nothing can connect to: after a few requests that all failed to connect, the
+rest are not sent.
 """
 
 from __future__ import annotations
@@ -41,8 +44,22 @@ from refusal_lightning.evaluation.client import (
     resolve_model,
 )
 from refusal_lightning.evaluation.judges import KeywordJudge, LLMJudge, Verdict, load_markers
-from refusal_lightning.evaluation.metrics import ItemOutcome, judge_agreement, rate_stats, summarize
-from refusal_lightning.evaluation.prompts import Prompt, PromptSet, load_prompts
+from refusal_lightning.evaluation.metrics import (
+    ItemOutcome,
+    answer_matches,
+    judge_agreement,
+    prompt_sets_of,
+    rate_stats,
+    summarize,
+)
+from refusal_lightning.evaluation.prompts import (
+    BENIGN,
+    HARMFULQA_HELDOUT,
+    SORRY_BENCH,
+    Prompt,
+    PromptSet,
+    load_prompts,
+)
 from refusal_lightning.evaluation.report import endpoint_table, write_reports
 from refusal_lightning.evaluation.store import JsonlLog
 
@@ -55,12 +72,21 @@ class EvaluateConfigError(ValueError):
 
 
 class EvaluationIncomplete(RuntimeError):
-    """An endpoint or judge was abandoned (auth failure, unknown model); the outputs were still
-    written for everything else, and a rerun resumes."""
+    """An endpoint or judge was abandoned (auth failure, unknown model, nothing listening); the outputs
+    were still written for everything else, and a rerun resumes."""
 
 
-ResponseKey = tuple[str, str, str, int]  # endpoint, question_id, style, sample
-JudgmentKey = tuple[str, str, str, int, str]  # ... + judge_id
+class ErrorRateExceeded(EvaluationIncomplete):
+    """More items failed (request or judgment) than ``--max_error_rate`` allows; summary and report
+    were written and say how many, and a rerun retries the failed ones."""
+
+
+ResponseKey = tuple[str, str, str, str, int]  # endpoint, prompt_set, question_id, style, sample
+JudgmentKey = tuple[str, str, str, str, int, str]  # ... + judge_id
+
+# Abandon an endpoint once this many requests, with none reaching the server yet, failed to connect
+# (each after all its retries): nothing is listening, and the remaining requests would only repeat it.
+UNREACHABLE_AFTER = 3
 
 
 @dataclass(frozen=True)
@@ -71,11 +97,23 @@ class WorkItem:
     sample: int
 
     def key(self, endpoint: str) -> ResponseKey:
-        return (endpoint, str(self.prompt.question_id), self.prompt.style, self.sample)
+        p = self.prompt
+        return (endpoint, p.prompt_set, str(p.question_id), p.style, self.sample)
+
+
+def row_prompt_set(row: dict[str, Any]) -> str:
+    """A log row's prompt set. Rows written before prompt sets existed have none; theirs follows from
+    the id (``hq-`` HarmfulQA, ``benign-`` benign, else SORRY-Bench), and a row placed in the wrong set
+    would still not be reused, because an answer counts only for the exact prompt text it answered."""
+    found = row.get("prompt_set")
+    if isinstance(found, str) and found:
+        return found
+    qid = str(row["question_id"])
+    return HARMFULQA_HELDOUT if qid.startswith("hq-") else BENIGN if qid.startswith("benign-") else SORRY_BENCH
 
 
 def _response_key(row: dict[str, Any]) -> ResponseKey:
-    return (row["endpoint"], str(row["question_id"]), row["style"], int(row["sample"]))
+    return (row["endpoint"], row_prompt_set(row), str(row["question_id"]), row["style"], int(row["sample"]))
 
 
 def _judgment_key(row: dict[str, Any]) -> JudgmentKey:
@@ -133,8 +171,8 @@ def _response_row(endpoint: str, model: str, item: WorkItem, result: ChatResult,
                   settings: GenerationSettings) -> dict[str, Any]:
     p = item.prompt
     return {
-        "endpoint": endpoint, "question_id": p.question_id, "style": p.style, "sample": item.sample,
-        "category": p.category, "model": model, "prompt": p.text,
+        "endpoint": endpoint, "prompt_set": p.prompt_set, "question_id": p.question_id, "style": p.style,
+        "sample": item.sample, "category": p.category, "model": model, "prompt": p.text,
         "response": result.content, "error": result.error, "attempts": result.attempts,
         "latency_s": round(result.latency_s, 4), "finish_reason": result.finish_reason, "usage": result.usage,
         "settings": asdict(settings),
@@ -189,24 +227,63 @@ def _progress(total: int, desc: str, enabled: bool) -> tqdm:
     return tqdm(total=total, desc=desc, unit="req", disable=not enabled, file=sys.stderr, dynamic_ncols=True)
 
 
+def _connection_reason(message: str) -> str:
+    """A short reason for a failed connection, from the client's (shortened) exception text."""
+    lowered = message.lower()
+    if "nameresolution" in lowered or "failed to resolve" in lowered or "name or service not known" in lowered:
+        return "host name not found"
+    if "refused" in lowered or "newconnectionerror" in lowered or "failed to establish" in lowered:
+        return "connection refused"
+    return message.split(" (gave up", 1)[0][:160]
+
+
+def unreachable_message(endpoint: str, url: str, message: str) -> str:
+    """One line for an endpoint nothing could connect to, naming its URL."""
+    return f"endpoint {endpoint}: cannot connect to {url} ({_connection_reason(message)}); is the server running?"
+
+
+def _is_connection_failure(err: EndpointError) -> bool:
+    """``list_models`` failed to connect (the client reports it as an ``EndpointError`` with the
+    exception text, which is cut short before the OS's reason)."""
+    text = str(err)
+    return "cannot list models" in text and ("ConnectionError" in text or "NewConnectionError" in text)
+
+
 def collect_responses(client: ChatClient, endpoint: str, model: str, items: Sequence[WorkItem],
                       settings: GenerationSettings, log: JsonlLog, concurrency: int,
-                      progress: bool = True) -> dict[ResponseKey, dict[str, Any]]:
+                      progress: bool = True,
+                      rows: dict[ResponseKey, dict[str, Any]] | None = None) -> dict[ResponseKey, dict[str, Any]]:
     """Request every item with at most ``concurrency`` in flight; each response (or its final error)
-    is appended to ``log`` as soon as it arrives. Raises ``AuthError``/``EndpointError`` after
-    recording whatever was in flight when the endpoint failed."""
-    rows: dict[ResponseKey, dict[str, Any]] = {}
+    is appended to ``log`` as soon as it arrives, and put into ``rows`` (a new dict when None), which
+    is returned. Raises ``AuthError``/``EndpointError`` after recording whatever was in flight when the
+    endpoint failed (``rows`` then holds it too); ``EndpointError`` also when the first
+    ``UNREACHABLE_AFTER`` requests all failed to connect."""
+    rows = {} if rows is None else rows
     stop = threading.Event()
+    lock = threading.Lock()
+    reach = {"reached": False, "unreachable": 0}
+    give_up_after = min(UNREACHABLE_AFTER, len(items))
 
     def work(item: WorkItem) -> tuple[WorkItem, ChatResult] | None:
         if stop.is_set():
             return None
         messages = [{"role": "user", "content": item.prompt.text}]
         try:
-            return item, client.chat(settings.payload(model, messages, item.sample))
+            result = client.chat(settings.payload(model, messages, item.sample))
         except (AuthError, EndpointError):
             stop.set()  # the other workers skip what they pick up next
             raise
+        with lock:
+            if result.error is None or result.error.get("type") != "connection":
+                reach["reached"] = True
+            else:
+                reach["unreachable"] += 1
+            give_up = not reach["reached"] and reach["unreachable"] >= give_up_after
+        if give_up:
+            stop.set()
+            assert result.error is not None
+            raise EndpointError(unreachable_message(endpoint, client.display_url, result.error["message"]))
+        return item, result
 
     def record(batch: list[tuple[WorkItem, ChatResult]]) -> None:
         new = [(item, _response_row(endpoint, model, item, result, settings)) for item, result in batch]
@@ -223,15 +300,16 @@ def collect_responses(client: ChatClient, endpoint: str, model: str, items: Sequ
 def _judgment_row(response: dict[str, Any], judge: KeywordJudge | LLMJudge,
                   verdict: Verdict) -> dict[str, Any]:
     keep = ("endpoint", "question_id", "style", "sample", "category")
-    return {**{k: response[k] for k in keep}, "judge": judge.name, "judge_id": judge.judge_id,
-            "response_sha": response_digest(response), **verdict.as_dict()}
+    return {**{k: response[k] for k in keep}, "prompt_set": row_prompt_set(response), "judge": judge.name,
+            "judge_id": judge.judge_id, "response_sha": response_digest(response), **verdict.as_dict()}
 
 
 def judge_responses(judge: KeywordJudge | LLMJudge, responses: dict[ResponseKey, dict[str, Any]],
                     done: dict[JudgmentKey, dict[str, Any]], log: JsonlLog, concurrency: int,
                     progress: bool = True, desc: str = "judge") -> dict[JudgmentKey, dict[str, Any]]:
-    """Judge every successful response without a final judgment by ``judge``; returns the new rows.
-    Raises ``AuthError``/``EndpointError`` (judge endpoint unusable) after recording what finished."""
+    """Judge every successful response without a final judgment by ``judge``; returns the new rows,
+    which are also added to ``done`` as they are written. Raises ``AuthError``/``EndpointError`` (judge
+    endpoint unusable) after recording what finished."""
     todo = [(key, row) for key, row in responses.items()
             if row.get("error") is None and _judgment_for(done, key, judge.judge_id, row) is None]
     new: dict[JudgmentKey, dict[str, Any]] = {}
@@ -240,6 +318,7 @@ def judge_responses(judge: KeywordJudge | LLMJudge, responses: dict[ResponseKey,
         rows = [((*key, judge.judge_id), _judgment_row(row, judge, verdict)) for key, row, verdict in batch]
         log.append_many([jrow for _, jrow in rows])
         new.update(rows)
+        done.update(rows)
 
     if isinstance(judge, KeywordJudge):  # microseconds each: no threads, one write
         record([(key, row, judge.judge(row["prompt"], row["response"])) for key, row in todo])
@@ -263,6 +342,7 @@ def judge_responses(judge: KeywordJudge | LLMJudge, responses: dict[ResponseKey,
         raise fatal
     return new
 
+
 def _apply_model_names(endpoints: list[Endpoint], model_name: Sequence[str] | None,
                        problems: list[str]) -> list[Endpoint]:
     """``--model_name NAME=MODEL`` sets one endpoint's model; a bare ``MODEL`` sets every endpoint that
@@ -283,7 +363,7 @@ def _apply_model_names(endpoints: list[Endpoint], model_name: Sequence[str] | No
 
 def _validate(endpoint: Sequence[str] | None, judge: str, judge_url: str | None, concurrency: int,
               samples: int, max_tokens: int, temperature: float, top_p: float | None, max_attempts: int,
-              request_timeout: float, retry_backoff: float, refusal_markers: str | None,
+              request_timeout: float, retry_backoff: float, refusal_markers: str | None, max_error_rate: float,
               problems: list[str]) -> list[Endpoint]:
     endpoints: list[Endpoint] = []
     if not endpoint:
@@ -310,7 +390,8 @@ def _validate(endpoint: Sequence[str] | None, judge: str, judge_url: str | None,
               (top_p is None or 0 < top_p <= 1, "--top_p must be in (0, 1]"),
               (max_attempts >= 1, "--max_attempts must be >= 1"),
               (retry_backoff >= 0, "--retry_backoff must be >= 0"),
-              (request_timeout > 0, "--request_timeout must be > 0")]
+              (request_timeout > 0, "--request_timeout must be > 0"),
+              (0 <= max_error_rate <= 1, "--max_error_rate must be in [0, 1]")]
     problems += [msg for ok, msg in checks if not ok]
     if refusal_markers is not None and not Path(refusal_markers).is_file():
         problems.append(f"--refusal_markers {refusal_markers}: no such file")
@@ -336,10 +417,38 @@ def _outcomes(endpoints: Sequence[str], items: Sequence[WorkItem], responses: di
                 label = labels.get(primary)
                 error = None if label is not None else "judge"
             p = item.prompt
+            # Accuracy needs only the answer, not the judge: a judge error leaves it counted.
+            answered = error is None or error == "judge"
+            correct = (answer_matches(resp["response"], p.reference) if answered and p.reference and resp
+                       else None)
             outcomes.append(ItemOutcome(endpoint=name, question_id=p.question_id, style=p.style,
                                         sample=item.sample, category=p.category, label=label, error=error,
-                                        labels=labels))
+                                        labels=labels, prompt_set=p.prompt_set, correct=correct))
     return outcomes
+
+
+def _failure_detail(failures: dict[str, Any], outcomes: list[ItemOutcome],
+                    responses: dict[ResponseKey, dict[str, Any]]) -> str:
+    """Per endpoint, what failed: ``a: 3 request(s) failed (http_500 3), 1 judgment(s) failed``."""
+    parts = []
+    for name, f in failures["by_endpoint"].items():
+        if not f["failed"]:
+            continue
+        kinds: Counter = Counter()
+        for o in outcomes:
+            if o.endpoint == name and o.error == "generation":
+                row = responses.get((name, *o.pair_key)) or {}
+                kinds[(row.get("error") or {}).get("type", "error")] += 1
+        bits = []
+        if f["requests_failed"]:
+            bits.append(f"{f['requests_failed']} request(s) failed ("
+                        + ", ".join(f"{k} {v}" for k, v in kinds.most_common()) + ")")
+        if f["judgments_failed"]:
+            bits.append(f"{f['judgments_failed']} judgment(s) failed")
+        if f["not_run"]:
+            bits.append(f"{f['not_run']} not run")
+        parts.append(f"{name}: " + ", ".join(bits))
+    return "; ".join(parts)
 
 
 def evaluate(
@@ -349,6 +458,7 @@ def evaluate(
     harmfulqa_source: str | None = None,
     harmfulqa_val_fraction: float = 0.1,
     harmfulqa_seed: int = 0,
+    benign_prompts: str | None = None,
     categories: list[str] | None = None,
     styles: list[str] | None = None,
     limit: int | None = None,
@@ -369,13 +479,18 @@ def evaluate(
     request_timeout: float = 120.0,
     max_attempts: int = 5,
     retry_backoff: float = 0.5,
+    max_error_rate: float = 0.0,
     progress: bool = True,
 ) -> dict[str, Any]:
     """Measure refusal vs fulfillment of OpenAI-compatible endpoints on SORRY-Bench-style prompts.
 
-    Writes responses.jsonl, judgments.jsonl, summary.json/.csv, report.md and
-    fulfillment_by_category.png to output_dir. Rerunning with the same output_dir resumes: finished
-    requests and judgments are never sent again. Returns the summary dict.
+    Each prompt set is summarised on its own, never pooled: sorry_bench (--prompts),
+    harmfulqa_heldout (--harmfulqa_source) and benign (--benign_prompts: refusal there is
+    over-refusal, and answers are checked against references). Writes responses.jsonl,
+    judgments.jsonl, summary.json/.csv, report.md and fulfillment_by_category.png to output_dir.
+    Rerunning with the same output_dir resumes: finished requests and judgments are never sent again.
+    Returns the summary dict; raises when an endpoint was abandoned or more items failed than
+    --max_error_rate allows (after writing every output).
 
     Args:
         endpoint: endpoints to evaluate, each NAME=URL or NAME=URL#MODEL; URL is the server root
@@ -389,10 +504,15 @@ def evaluate(
         harmfulqa_val_fraction: held-out fraction of HarmfulQA questions (by question id); must match
             the fit config's data.val_fraction so no evaluated question was trained on.
         harmfulqa_seed: seed of the HarmfulQA train/validation split; must match the fit's data.seed.
-        categories: evaluate only these categories (e.g. "1" "12", or "harmfulqa:<topic>").
-        styles: evaluate only these prompt styles (e.g. base, slang).
-        limit: evaluate at most this many prompts (after filtering; --prompts rows come before
-            HarmfulQA questions).
+        benign_prompts: harmless requests to measure over-refusal: "sample" (bundled synthetic set of
+            20) or a JSONL file, one {"prompt": ..., "reference": ...} per line. "reference" (optional:
+            a string or a list of acceptable answers) makes an answer correct when it contains one
+            (case-insensitive, whole words, <think> removed); "id" is optional. A bad row is an
+            error naming its file and line.
+        categories: evaluate only these categories (e.g. "1" "12", or "harmfulqa:<topic>"); the
+            benign set is never filtered.
+        styles: evaluate only these prompt styles (e.g. base, slang); the benign set is never filtered.
+        limit: evaluate at most this many prompts of each prompt set (after filtering, in file order).
         judge: keyword (refusal markers, offline), llm (SORRY-Bench judge prompt at --judge_url) or both
             (rates from llm, plus keyword agreement and Cohen's kappa).
         judge_url: OpenAI-compatible URL of the judge (e.g. vLLM serving
@@ -418,6 +538,9 @@ def evaluate(
         max_attempts: attempts per request (429, 5xx, timeouts, dropped connections and malformed
             replies are retried with exponential backoff and jitter, honouring Retry-After).
         retry_backoff: seconds before the first retry; doubles per attempt, capped at 30 s.
+        max_error_rate: largest share of items (requests that failed after retries, judgments without
+            a verdict, items of an abandoned endpoint) that may fail before evaluate exits with an
+            error; the outputs are written first either way, and a rerun retries the failures.
         progress: show a progress bar per endpoint.
     """
     t0 = time.perf_counter()
@@ -426,13 +549,14 @@ def evaluate(
         [v] if isinstance(v, str) else v for v in (endpoint, categories, styles, model_name))
     problems: list[str] = []
     endpoints = _validate(endpoint, judge, judge_url, concurrency, samples, max_tokens, temperature, top_p,
-                          max_attempts, request_timeout, retry_backoff, refusal_markers, problems)
+                          max_attempts, request_timeout, retry_backoff, refusal_markers, max_error_rate,
+                          problems)
     endpoints = _apply_model_names(endpoints, model_name, problems)
     if problems:
         raise EvaluateConfigError("evaluate: invalid arguments:\n  - " + "\n  - ".join(problems))
 
     prompt_set: PromptSet = load_prompts(prompts, harmfulqa_source, harmfulqa_val_fraction, harmfulqa_seed,
-                                         categories, styles, limit)
+                                         categories, styles, limit, benign_prompts)
     if not prompt_set.prompts:
         raise EvaluateConfigError(f"evaluate: no prompts left to evaluate (sources: {prompt_set.sources}, "
                                   f"skipped: {prompt_set.skipped_summary()})")
@@ -472,12 +596,15 @@ def evaluate(
                 elif row.get("settings") != asdict(settings):
                     settings_changed += 1
             sent += len(todo)
-            responses.update(collect_responses(client, ep.name, model, todo, settings, responses_log,
-                                               concurrency, progress))
+            collect_responses(client, ep.name, model, todo, settings, responses_log, concurrency, progress,
+                              rows=responses)
         except (AuthError, EndpointError) as err:
-            aborted[ep.name] = str(err)
+            message = str(err)
+            if isinstance(err, EndpointError) and _is_connection_failure(err):
+                message = unreachable_message(ep.name, client.display_url, message)
+            aborted[ep.name] = message
             models.setdefault(ep.name, ep.model)
-            print(f"error: {err}", file=sys.stderr)
+            print(f"error: {message}", file=sys.stderr)
         finally:
             client.close()
         ep_responses = {item.key(ep.name): responses[item.key(ep.name)] for item in items
@@ -486,8 +613,8 @@ def evaluate(
             if f"judge:{jname}" in aborted:
                 continue
             try:
-                judgments.update(judge_responses(j, ep_responses, judgments, judgments_log, concurrency,
-                                                 progress, desc=f"judge {ep.name}"))
+                judge_responses(j, ep_responses, judgments, judgments_log, concurrency, progress,
+                                desc=f"judge {ep.name}")
             except (AuthError, EndpointError) as err:
                 aborted[f"judge:{jname}"] = str(err)
                 print(f"error: {err}", file=sys.stderr)
@@ -503,18 +630,23 @@ def evaluate(
     names = [e.name for e in endpoints]
     outcomes = _outcomes(names, items, responses, judgments, judges, primary, models)
     summary = summarize(outcomes, names)
+    failures = summary["failures"]
+    failures["max_error_rate"] = max_error_rate
+    failures["exceeded"] = failures["error_rate"] > max_error_rate
     summary["judge"] = _judge_section(judge, primary, judges, outcomes, names, judgments, refusal_markers,
                                       judge_url)
     summary["skipped_prompts"] = prompt_set.skipped_summary()
     summary["models"] = models
     summary["aborted_endpoints"] = aborted
-    summary["prompts"] = {"count": len(prompt_set.prompts), "sources": prompt_set.sources,
+    summary["prompts"] = {"count": len(prompt_set.prompts), "by_set": prompt_set.counts(),
+                          "sources": prompt_set.sources,
                           "categories": sorted({p.category for p in prompt_set.prompts}),
                           "styles": sorted({p.style for p in prompt_set.prompts})}
     summary["config"] = {"endpoints": {e.name: redact_url(e.base_url) for e in endpoints}, "judge": judge,
                          "samples": samples, "generation": asdict(settings), "api_key_env": api_key_env,
                          "retry": {"max_attempts": max_attempts, "request_timeout": request_timeout,
-                                   "backoff": retry_backoff}}
+                                   "backoff": retry_backoff},
+                         "max_error_rate": max_error_rate}
     # Everything above depends only on the logs and the arguments; "run" describes this invocation.
     summary["run"] = {"requests_planned": sent, "resumed_responses_with_other_settings": settings_changed,
                       "elapsed_s": round(time.perf_counter() - t0, 3)}
@@ -522,8 +654,13 @@ def evaluate(
     print(endpoint_table(summary))
     print(f"wrote {', '.join(str(p) for p in paths.values())}")
     if aborted:
-        raise EvaluationIncomplete(
-            "evaluate: abandoned " + "; ".join(f"{k}: {v}" for k, v in aborted.items()))
+        # Each message starts "endpoint NAME: ..." (the judge's "endpoint judge: ...").
+        raise EvaluationIncomplete("evaluate: abandoned " + "; ".join(aborted.values()))
+    if failures["exceeded"]:
+        raise ErrorRateExceeded(
+            f"evaluate: {failures['failed']} of {failures['items']} items failed "
+            f"({100 * failures['error_rate']:.1f}% > --max_error_rate {max_error_rate:g}): "
+            f"{_failure_detail(failures, outcomes, responses)}; see {paths['report_md']}; a rerun retries them")
     return summary
 
 
@@ -551,7 +688,8 @@ def _relabelled(o: ItemOutcome, judge: str) -> ItemOutcome:
     """The same item as another judge saw it (for that judge's rates next to the primary's)."""
     label = o.labels.get(judge)
     error = o.error if o.error in ("generation", "not run") else (None if label is not None else "judge")
-    return ItemOutcome(o.endpoint, o.question_id, o.style, o.sample, o.category, label, error, o.labels)
+    return ItemOutcome(o.endpoint, o.question_id, o.style, o.sample, o.category, label, error, o.labels,
+                       o.prompt_set, o.correct)
 
 
 def _judge_section(kind: str, primary: str, judges: dict[str, KeywordJudge | LLMJudge],
@@ -561,7 +699,7 @@ def _judge_section(kind: str, primary: str, judges: dict[str, KeywordJudge | LLM
     for o in outcomes:
         for jname, j in judges.items():
             if o.labels.get(jname) is None and o.error != "generation" and o.error != "not run":
-                row = judgments.get((o.endpoint, str(o.question_id), o.style, o.sample, j.judge_id))
+                row = judgments.get((o.endpoint, *o.pair_key, j.judge_id))
                 errors[f"{jname}: {row.get('error_type', 'error') if row else 'not judged'}"] += 1
     section: dict[str, Any] = {"kind": kind, "primary": primary, "errors": dict(sorted(errors.items()))}
     if "keyword" in judges:
@@ -576,8 +714,11 @@ def _judge_section(kind: str, primary: str, judges: dict[str, KeywordJudge | LLM
                           "template": "sorry-bench ft-mistral-7b-instruct-v0.2-sorry-bench-202406 model card"}
     if kind == "both":
         section["agreement"] = judge_agreement(outcomes, endpoints, "llm", "keyword")
-        section["keyword_rates"] = {name: rate_stats(_relabelled(o, "keyword") for o in outcomes
-                                                     if o.endpoint == name) for name in endpoints}
+        section["keyword_rates"] = {
+            name: {ps: rate_stats(_relabelled(o, "keyword") for o in outcomes
+                                  if o.endpoint == name and o.prompt_set == ps)
+                   for ps in prompt_sets_of(outcomes)}
+            for name in endpoints}
     return section
 
 
