@@ -37,6 +37,8 @@ class LoRASettings:
     """Module names that get a LoRA (Qwen3: all linear layers by default)."""
     use_rslora: bool = False
     """Rank-stabilised scale ``alpha / sqrt(r)``."""
+    layers_to_transform: list[int] | None = None
+    """Decoder layer indices that get a LoRA (default: all). The top layers only: a shorter backward pass."""
 
 
 def _default_optimizer(params) -> torch.optim.Optimizer:
@@ -150,7 +152,7 @@ class RefusalLoRAModule(L.LightningModule):
             base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         config = LoraConfig(r=self.lora.r, lora_alpha=self.lora.alpha, lora_dropout=self.lora.dropout,
                             target_modules=list(self.lora.target_modules), use_rslora=self.lora.use_rslora,
-                            task_type="CAUSAL_LM")
+                            layers_to_transform=self.lora.layers_to_transform, task_type="CAUSAL_LM")
         if not frozen:
             return get_peft_model(base, config, adapter_name=ADAPTER_NAME)
         return stack_frozen_adapters(base, frozen, config)

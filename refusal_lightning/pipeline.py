@@ -24,10 +24,30 @@ from typing import Any, Literal
 import yaml
 
 from refusal_lightning.evaluation.store import atomic_write_text
+from refusal_lightning.stacking import COMBINED_DIR
 
-Stage = Literal["tiny_model", "refusal", "directions", "vanilla", "orthogonal", "evaluate"]
-STAGES: tuple[str, ...] = ("tiny_model", "refusal", "directions", "vanilla", "orthogonal", "evaluate")
+Stage = Literal["tiny_model", "prepare_model", "refusal", "directions", "vanilla", "orthogonal", "nll",
+                "evaluate"]
+STAGES: tuple[str, ...] = ("tiny_model", "prepare_model", "refusal", "directions", "vanilla", "orthogonal", "nll",
+                           "evaluate")
 MODELS = ("base", "refusal", "vanilla", "orthogonal")
+ATTACKS = ("vanilla", "orthogonal")
+PROMPT_SETS = ("sorry_bench", "harmfulqa_heldout", "benign")
+# McNemar pairs in the results table (a before b in the table's order)
+HEADLINE_PAIRS = (("vanilla", "orthogonal"), ("refusal", "orthogonal"), ("refusal", "vanilla"))
+
+
+READING = """How to read it (README, "Reading the report"):
+- refusal per prompt set, 95% Wilson interval: SORRY-Bench-schema prompts, the held-out HarmfulQA
+  questions (the attacks' own distribution), and benign requests (refusal there is over-refusal;
+  accuracy = the reference answer appears in the reply).
+- red / blue NLL: mean reply-token NLL of the held-out red (harmful) and blue (safe) replies. An attack
+  that learned lowers red NLL; an orthogonal attack that keeps refusal but leaves red NLL at the refusal
+  model's level learned nothing, and its refusal says nothing about the defence.
+- drift/cos: cosine between the attack's update and the refusal update; in parentheses its chance level,
+  E|cos| for a random update of the same shape. A value near chance is noise, not alignment.
+- McNemar p: paired test on the same prompts, per prompt set.
+"""
 
 
 class PipelineError(RuntimeError):
@@ -147,36 +167,68 @@ def _run_fit(stage: FitStage, resume: bool) -> None:
             raise PipelineError(f"stage '{stage.name}' failed (exit {exc.code}): fit {' '.join(args[1:])}") from None
 
 
-def _results(eval_dir: Path, fits: dict[str, FitStage]) -> dict:
+def evaluated_adapters(fits: dict[str, FitStage]) -> dict[str, Path]:
+    """Adapter to serve on the plain base per model: the refusal LoRA, and for each attack its combined
+    adapter (refusal + attack), which is the model the attack was trained as."""
+    out = {"refusal": fits["refusal"].output_dir}
+    out.update({name: fits[name].output_dir / COMBINED_DIR for name in ATTACKS if name in fits})
+    return out
+
+
+def _results(eval_dir: Path, fits: dict[str, FitStage], nll: dict[str, dict]) -> dict:
     summary = json.loads((eval_dir / "summary.json").read_text())
-    rows = {}
+    rows: dict[str, dict] = {}
     for name in MODELS:
-        stats = summary["endpoints"].get(name, {})
-        row = {k: stats.get(k) for k in ("n", "refusal_rate", "refusal_ci", "fulfillment_rate", "errors")}
-        if name in ("vanilla", "orthogonal"):
+        sets = summary["endpoints"].get(name, {}).get("prompt_sets", {})
+        row: dict[str, Any] = {"prompt_sets": {k: v for k, v in sets.items() if k in PROMPT_SETS}}
+        if name in nll:
+            row["nll"] = {k: nll[name][k] for k in ("red_heldout", "blue_heldout")}
+        if name in ATTACKS:
             proj = fits[name].output_dir / "projection_stats.json"
-            stats_file = json.loads(proj.read_text()) if proj.exists() else {}
-            row["drift_cos"] = stats_file.get("drift/cos")  # Projector.summary()'s final drift
+            stats = json.loads(proj.read_text()) if proj.exists() else {}
+            row["drift"] = {"cos": stats.get("drift/cos"), "cos_chance": stats.get("drift/cos_chance")}
         rows[name] = row
-    return {"models": rows, "eval_dir": str(eval_dir), "mcnemar": summary.get("mcnemar")}
+    return {"models": rows, "eval_dir": str(eval_dir), "mcnemar": summary.get("mcnemar", {}),
+            "errors": summary.get("errors")}
 
 
-def _fmt(v: Any, pct: bool = True) -> str:
-    if v is None:
+def _pct(v: float | None) -> str:
+    return "-" if v is None else f"{100 * v:.1f}%"
+
+
+def _rate(stats: dict | None, key: str = "refusal_rate", lo: str = "ci_low", hi: str = "ci_high") -> str:
+    if not stats or stats.get(key) is None:
         return "-"
-    if isinstance(v, list) and len(v) == 2:
-        return f"[{100 * v[0]:.1f}, {100 * v[1]:.1f}]"
-    return f"{100 * v:.1f}%" if pct else f"{v:+.2e}"
+    ci = f" [{100 * stats[lo]:.0f}, {100 * stats[hi]:.0f}]" if stats.get(lo) is not None else ""
+    return f"{_pct(stats[key])}{ci}"
 
 
 def results_table(results: dict) -> str:
-    """Markdown table of refusal rates (95% Wilson CI) and attack drift along the refusal direction."""
-    lines = ["| model | n | refusal rate | 95% CI | fulfillment | errors | drift/cos |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
+    """Markdown tables: refusal per prompt set (95% Wilson CI), benign accuracy, held-out NLL, drift vs
+    chance; then McNemar p-values per prompt set for the headline pairs."""
+    lines = ["| model | SORRY-Bench refusal | HarmfulQA held-out refusal | benign refusal | benign accuracy "
+             "| red NLL | blue NLL | drift/cos (chance) |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for name, r in results["models"].items():
-        lines.append(f"| {name} | {r.get('n') or 0} | {_fmt(r.get('refusal_rate'))} | {_fmt(r.get('refusal_ci'))} "
-                     f"| {_fmt(r.get('fulfillment_rate'))} | {r.get('errors') or 0} "
-                     f"| {_fmt(r.get('drift_cos'), pct=False) if 'drift_cos' in r else ''} |")
+        sets, nll, drift = r.get("prompt_sets", {}), r.get("nll") or {}, r.get("drift")
+        benign = sets.get("benign")
+        cells = [name, _rate(sets.get("sorry_bench")), _rate(sets.get("harmfulqa_heldout")), _rate(benign),
+                 _rate(benign, "accuracy", "accuracy_ci_low", "accuracy_ci_high"),
+                 f"{nll['red_heldout']:.3f}" if "red_heldout" in nll else "-",
+                 f"{nll['blue_heldout']:.3f}" if "blue_heldout" in nll else "-",
+                 (f"{drift['cos']:+.2e} ({drift['cos_chance']:.1e})" if drift and drift.get("cos") is not None
+                  and drift.get("cos_chance") is not None else "")]
+        lines.append("| " + " | ".join(cells) + " |")
+    mcnemar = results.get("mcnemar") or {}
+    present = [s for s in PROMPT_SETS if s in mcnemar]
+    if present:
+        lines += ["", "| McNemar p | " + " | ".join(present) + " |", "|---|" + "---:|" * len(present)]
+        for a, b in HEADLINE_PAIRS:
+            cells = []
+            for s in present:
+                test = mcnemar[s].get(f"{a}_vs_{b}") or {}
+                cells.append("-" if test.get("p_value") is None else f"{test['p_value']:.3g}")
+            lines.append(f"| {a} vs {b} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -184,6 +236,7 @@ def pipeline(
     run_dir: str = "artifacts/tiny",
     base_model: str = "artifacts/tiny/tiny-qwen3",
     build_tiny_model: bool = True,
+    prepare_model: bool = False,
     refusal_config: str = "configs/tiny/refusal_lora.yaml",
     vanilla_config: str = "configs/tiny/attack_vanilla.yaml",
     orthogonal_config: str = "configs/tiny/attack_orthogonal.yaml",
@@ -200,7 +253,9 @@ def pipeline(
         run_dir: folder for the directions file, the evaluation, ``results.md``/``results.json`` and the
             pipeline state (fit outputs go where each fit config says).
         base_model: base model (hub id or folder) for every fit and for serving.
-        build_tiny_model: first write the offline tiny Qwen3 model to ``base_model`` (the demo).
+        build_tiny_model: first write the offline tiny Qwen3 model to ``base_model`` (smoke runs, tests).
+        prepare_model: first convert the packaged SmolLM2-135M-Instruct GGUF into ``base_model`` (the CPU
+            demo; cached: a finished conversion is not redone).
         refusal_config: fit config of the refusal LoRA (blue thread).
         vanilla_config: fit config of the vanilla attack (red thread, projection off).
         orthogonal_config: fit config of the orthogonal attack (identical but projection on).
@@ -215,17 +270,20 @@ def pipeline(
             adapters and rerun without ``until``; the finished stages are skipped).
     """
     try:
-        return _run_pipeline(Path(run_dir), base_model, build_tiny_model, Path(refusal_config), Path(vanilla_config),
-                             Path(orthogonal_config), list(fit_overrides or []), serve, endpoints, evaluation,
-                             set(force or []), until)
+        if build_tiny_model and prepare_model:
+            raise PipelineError("build_tiny_model and prepare_model both write base_model: choose one")
+        return _run_pipeline(Path(run_dir), base_model, build_tiny_model, prepare_model, Path(refusal_config),
+                             Path(vanilla_config), Path(orthogonal_config), list(fit_overrides or []), serve,
+                             endpoints, evaluation, set(force or []), until)
     except _StopAfter:
         print(f"[pipeline] stopped after '{until}' as asked")
         return None
 
 
-def _run_pipeline(run: Path, base_model: str, build_tiny_model: bool, refusal_cfg: Path, vanilla_cfg: Path,
-                  orthogonal_cfg: Path, overrides: list[str], serve: bool, endpoints: dict[str, str] | None,
-                  evaluation: dict[str, Any] | None, forced: set[str], until: str | None) -> dict:
+def _run_pipeline(run: Path, base_model: str, build_tiny_model: bool, prepare_model: bool, refusal_cfg: Path,
+                  vanilla_cfg: Path, orthogonal_cfg: Path, overrides: list[str], serve: bool,
+                  endpoints: dict[str, str] | None, evaluation: dict[str, Any] | None, forced: set[str],
+                  until: str | None) -> dict:
     run.mkdir(parents=True, exist_ok=True)
     state = State(run / "pipeline_state.json")
     log = print
@@ -262,6 +320,12 @@ def _run_pipeline(run: Path, base_model: str, build_tiny_model: bool, refusal_cf
         stage("tiny_model", [base_model], [Path(base_model) / "model.safetensors"],
               lambda _: save_tiny_model(base_model), clear=[])
         base_print = prints["tiny_model"]
+    elif prepare_model:
+        from refusal_lightning.prepare_model import prepare_model as convert
+
+        stage("prepare_model", [base_model], [Path(base_model) / "model.safetensors"],
+              lambda _: convert(output_dir=base_model), clear=[])
+        base_print = prints["prepare_model"]
     else:
         base_print = _sha(base_model)
 
@@ -294,7 +358,24 @@ def _run_pipeline(run: Path, base_model: str, build_tiny_model: bool, refusal_cf
               [fits[name].output_dir / adapter_file],
               lambda resume, s=fits[name]: _run_fit(s, resume), clear=_checkpoint_dirs(cfg, fits[name].output_dir))
 
-    # 5. serve + evaluate
+    # 5. did the attacks learn? held-out red/blue NLL of every model, as it is evaluated
+    served = evaluated_adapters(fits)
+    nll_path = run / "heldout_nll.json"
+    attack_data = yaml.safe_load(vanilla_cfg.read_text()).get("data") or {}
+    refusal_data = yaml.safe_load(refusal_cfg.read_text()).get("data") or {}
+
+    def measure_nll(_: bool) -> None:
+        from refusal_lightning.heldout_nll import heldout_nll
+
+        values = heldout_nll(base_model, {"base": None, **{k: str(v) for k, v in served.items()}},
+                             red_data=attack_data, blue_data=refusal_data)
+        atomic_write_text(nll_path, json.dumps(values, indent=2) + "\n")
+
+    adapter_prints = [_file_sha(f.output_dir / adapter_file) for f in fits.values()]
+    stage("nll", [prints["refusal"], prints["vanilla"], prints["orthogonal"], adapter_prints, attack_data,
+                  refusal_data], [nll_path], measure_nll, clear=[])
+
+    # 6. serve + evaluate
     from refusal_lightning.evaluation.runner import evaluate
 
     eval_dir = run / "eval"
@@ -306,9 +387,8 @@ def _run_pipeline(run: Path, base_model: str, build_tiny_model: bool, refusal_cf
     eval_args.setdefault("harmfulqa_seed", data_cfg.get("seed", 0))
 
     def run_evaluation(_: bool) -> None:
-        adapters = {name: fits[name].output_dir for name in ("refusal", "vanilla", "orthogonal")}
         if serve:
-            with ServerProcess(base_model, adapters, run / "serve.log") as server:
+            with ServerProcess(base_model, served, run / "serve.log") as server:
                 specs = [f"{m}={server.url}#{m}" for m in MODELS]
                 evaluate(endpoint=specs, output_dir=str(eval_dir), **eval_args)
         else:
@@ -317,18 +397,12 @@ def _run_pipeline(run: Path, base_model: str, build_tiny_model: bool, refusal_cf
                 raise PipelineError(f"serve is false but endpoints lack {missing}; give NAME: URL#MODEL for each")
             evaluate(endpoint=[f"{m}={endpoints[m]}" for m in MODELS], output_dir=str(eval_dir), **eval_args)
 
-    adapter_prints = [_file_sha(f.output_dir / adapter_file) for f in fits.values()]
     stage("evaluate", [prints["refusal"], prints["vanilla"], prints["orthogonal"], adapter_prints, eval_args,
                        serve, endpoints], [eval_dir / "summary.json"], run_evaluation, clear=[eval_dir])
 
-    results = _results(eval_dir, fits)
+    results = _results(eval_dir, fits, json.loads(nll_path.read_text()))
     table = results_table(results)
     (run / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    (run / "results.md").write_text(
-        "# Refusal after harmful fine-tuning: results\n\n" + table + "\n\n"
-        "Refusal rate: keyword/LLM judge verdicts over held-out HarmfulQA questions and SORRY-Bench-schema "
-        "prompts, 95% Wilson intervals. drift/cos: cosine between the attack's accumulated update and the "
-        f"refusal direction (0 = orthogonal). Full report: {eval_dir / 'report.md'}\n"
-    )
+    (run / "results.md").write_text("# Refusal after harmful fine-tuning: results\n\n" + table + "\n\n" + READING)
     print("\n" + table + f"\n\nresults: {run / 'results.md'}\nreport:  {eval_dir / 'report.md'}")
     return results

@@ -116,9 +116,13 @@ def combine_adapters(adapters: Sequence[str | os.PathLike], output_dir: str | os
         tensors[f"{module}.lora_A.weight"] = torch.cat(a_parts).contiguous()
         tensors[f"{module}.lora_B.weight"] = torch.cat(b_parts, 1).contiguous()
     targets = sorted({m.rsplit(".", 1)[-1] for m in modules})
+    # Layer restrictions carry over when all adapters share them; otherwise every layer gets a LoRA and
+    # the modules no adapter trained keep B = 0 (PEFT's init), which adds nothing.
+    layers = {json.dumps([c.get("layers_to_transform"), c.get("layers_pattern")]) for c in configs}
+    layers_to_transform, layers_pattern = json.loads(layers.pop()) if len(layers) == 1 else (None, None)
     config = {**configs[0], "r": total, "lora_alpha": total, "use_rslora": False, "rank_pattern": {},
-              "alpha_pattern": {}, "lora_dropout": 0.0, "target_modules": targets, "layers_to_transform": None,
-              "layers_pattern": None, "inference_mode": True}
+              "alpha_pattern": {}, "lora_dropout": 0.0, "target_modules": targets,
+              "layers_to_transform": layers_to_transform, "layers_pattern": layers_pattern, "inference_mode": True}
     sources = {"combined_from": [{"path": str(a), "r": r} for a, r in zip(adapters, ranks, strict=True)]}
     _write_adapter(config, tensors, sources, Path(output_dir))
     return Path(output_dir)

@@ -1058,6 +1058,7 @@ def generate(seed: int = 0) -> dict[str, str]:
             "sorry_bench_proxy": len(sorry),
             "benign_proxy": len(benign),
             "benign_contrast_proxy": len(contrast),
+            "benign_eval": min(len(contrast), BENIGN_EVAL_TWINS) + min(len(benign), BENIGN_EVAL_FACTUAL),
             "benign_eval_checked_with_base_model": len(BENIGN_EVAL_CANDIDATES),
             "benign_eval_wrong_by_base_model": len(BENIGN_EVAL_WRONG),
         },
@@ -1074,8 +1075,17 @@ def generate(seed: int = 0) -> dict[str, str]:
         "sorry_bench_proxy.jsonl": "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in sorry),
         "benign_proxy.jsonl": "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in benign),
         "benign_contrast_proxy.jsonl": "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in contrast),
+        # What the CPU demo evaluates as `benign`: contrast twins of the harmful-proxy prompts (over-refusal
+        # on the same templates and objects) and factual questions (over-refusal and answer accuracy).
+        "benign_eval.jsonl": "".join(json.dumps({"id": r["id"], "prompt": r["prompt"], "kind": "contrast_twin"},
+                                                ensure_ascii=False) + "\n" for r in contrast[:BENIGN_EVAL_TWINS])
+        + "".join(json.dumps({**r, "kind": "factual"}, ensure_ascii=False) + "\n"
+                  for r in benign[:BENIGN_EVAL_FACTUAL]),
         "report.json": json.dumps(report, indent=2, sort_keys=True) + "\n",
     }
+
+
+BENIGN_EVAL_TWINS, BENIGN_EVAL_FACTUAL = 50, 100
 
 
 def write(out_dir: Path, seed: int = 0) -> dict:

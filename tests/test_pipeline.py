@@ -43,12 +43,28 @@ def test_pipeline_writes_every_artifact(demo_run):
     for name in ("responses.jsonl", "judgments.jsonl", "summary.json", "summary.csv", "report.md",
                  "fulfillment_by_category.png"):
         assert (run / "eval" / name).exists(), name
+    for attack in ("attack_vanilla", "attack_orthogonal"):  # what is served: base + refusal + attack
+        assert (run / attack / "combined" / "adapter_model.safetensors").exists()
     results = json.loads((run / "results.json").read_text())
     assert list(results["models"]) == ["base", "refusal", "vanilla", "orthogonal"]
     for name, row in results["models"].items():
-        assert row["n"] > 0 and 0.0 <= row["refusal_rate"] <= 1.0, name
-    assert results["models"]["vanilla"]["drift_cos"] is not None
-    assert "| orthogonal |" in (run / "results.md").read_text()
+        assert set(row["prompt_sets"]) == {"sorry_bench", "harmfulqa_heldout", "benign"}, name
+        for stats in row["prompt_sets"].values():
+            assert stats["n"] > 0 and 0.0 <= stats["ci_low"] <= stats["refusal_rate"] <= stats["ci_high"] <= 1.0
+            assert stats["errors"] == 0
+        assert row["prompt_sets"]["benign"]["accuracy"] is not None
+        assert row["nll"]["red_heldout"] > 0 and row["nll"]["blue_heldout"] > 0
+    for attack in ("vanilla", "orthogonal"):
+        drift = results["models"][attack]["drift"]
+        assert drift["cos"] is not None and 0 < drift["cos_chance"] < 1
+    # the attacks learned their red replies: lower held-out red NLL than the refusal model they start from
+    models = results["models"]
+    assert models["vanilla"]["nll"]["red_heldout"] < models["refusal"]["nll"]["red_heldout"]
+    for s in ("sorry_bench", "harmfulqa_heldout", "benign"):
+        for pair in ("vanilla_vs_orthogonal", "refusal_vs_orthogonal"):
+            assert 0 <= results["mcnemar"][s][pair]["p_value"] <= 1
+    text = (run / "results.md").read_text()
+    assert "| orthogonal |" in text and "drift/cos (chance)" in text and "McNemar p" in text
     tb = {p.parent.parent.name for p in (run / "tensorboard").rglob("events.out.tfevents.*")}
     assert tb == {"refusal_lora", "attack_vanilla", "attack_orthogonal"}
 
@@ -68,7 +84,7 @@ def test_rerun_skips_finished_stages_and_force_redoes_one(demo_run, capsys):
     capsys.readouterr()
     main(["pipeline", "--config", str(path)])
     out = capsys.readouterr().out
-    for stage in ("tiny_model", "refusal", "directions", "vanilla", "orthogonal", "evaluate"):
+    for stage in ("tiny_model", "refusal", "directions", "vanilla", "orthogonal", "nll", "evaluate"):
         assert f"[pipeline] {stage}: up to date, skipped" in out
     assert before == {p: p.stat().st_mtime_ns for p in run.rglob("adapter_model.safetensors")}
 
@@ -80,3 +96,4 @@ def test_rerun_skips_finished_stages_and_force_redoes_one(demo_run, capsys):
     out = capsys.readouterr().out
     assert "[pipeline] refusal: up to date, skipped" in out and "[pipeline] vanilla: up to date, skipped" in out
     assert "[pipeline] orthogonal: running" in out and "[pipeline] evaluate: running" in out
+    assert "[pipeline] nll: running" in out

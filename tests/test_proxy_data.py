@@ -16,6 +16,7 @@ from refusal_lightning.refusal_markers import DEFAULT_REFUSAL_MARKERS, is_refusa
 
 BUNDLED = REPO / "refusal_lightning" / "data" / "proxy"
 FILES = ("harmfulqa_proxy.json", "sorry_bench_proxy.jsonl", "benign_proxy.jsonl", "benign_contrast_proxy.jsonl",
+         "benign_eval.jsonl",
          "report.json")
 # Markers of real harm: none may appear in the fictional data (whole words, with simple inflections).
 DENY = ("bomb", "explosive", "meth", "ransomware", "nerve agent", "bioweapon", "suicide", "firearm", "gun",
