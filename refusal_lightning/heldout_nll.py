@@ -22,15 +22,17 @@ DATA_KEYS = ("source", "selection", "prompt", "max_length", "val_fraction", "see
              "refusal_markers")
 
 
-def heldout_batches(data: Mapping[str, Any], thread: str, tokenizer_path: str,
-                    batch_size: int = 8) -> list[dict[str, torch.Tensor]]:
-    """The validation pairs of ``thread`` under a fit config's ``data`` section, as padded batches."""
+def heldout_batches(data: Mapping[str, Any], thread: str, tokenizer_path: str, batch_size: int = 8,
+                    max_pairs: int | None = None) -> list[dict[str, torch.Tensor]]:
+    """The validation pairs of ``thread`` under a fit config's ``data`` section, as padded batches
+    (the first ``max_pairs`` in the split's order when set: the same pairs for every model)."""
     kwargs = {k: v for k, v in data.items() if k in DATA_KEYS}
     module = HarmfulQADataModule(**kwargs, thread=thread, tokenizer_name_or_path=tokenizer_path,
                                  batch_size=batch_size)
     module.setup("validate")
     assert module.val_set is not None
-    examples = [module.val_set[i] for i in range(len(module.val_set))]
+    n = len(module.val_set) if max_pairs is None else min(max_pairs, len(module.val_set))
+    examples = [module.val_set[i] for i in range(n)]
     pad = collate(module._load_tokenizer().pad_token_id)
     return [pad(examples[i:i + batch_size]) for i in range(0, len(examples), batch_size)]
 
@@ -52,7 +54,8 @@ def reply_nll(model: torch.nn.Module, batches: list[dict[str, torch.Tensor]]) ->
 
 
 def heldout_nll(base_model: str, adapters: Mapping[str, str | None], red_data: Mapping[str, Any],
-                blue_data: Mapping[str, Any], dtype: str = "float32", batch_size: int = 8) -> dict[str, dict]:
+                blue_data: Mapping[str, Any], dtype: str = "float32", batch_size: int = 8,
+                max_pairs: int | None = None) -> dict[str, dict]:
     """``{model: {red_heldout, blue_heldout, red_tokens, blue_tokens}}`` for each model.
 
     Args:
@@ -63,13 +66,14 @@ def heldout_nll(base_model: str, adapters: Mapping[str, str | None], red_data: M
         blue_data: the refusal fit's ``data`` section (blue thread).
         dtype: base weights' dtype.
         batch_size: examples per forward pass.
+        max_pairs: at most this many held-out pairs per thread (None: all).
     """
     from peft import PeftModel
 
     from refusal_lightning.loading import load_causal_lm
 
-    red = heldout_batches(red_data, "red", base_model, batch_size)
-    blue = heldout_batches(blue_data, "blue", base_model, batch_size)
+    red = heldout_batches(red_data, "red", base_model, batch_size, max_pairs)
+    blue = heldout_batches(blue_data, "blue", base_model, batch_size, max_pairs)
     model: Any = load_causal_lm(base_model, dtype=dtype).eval()
     named = {name: path for name, path in adapters.items() if path is not None}
     for i, (name, path) in enumerate(named.items()):

@@ -179,9 +179,13 @@ def config_value(config: dict[str, Any], dotted: str) -> Any:
 def hub_base_model(adapter_config: dict[str, Any]) -> str | None:
     """The base model as a Hub id, or None when it is a local path (the Hub rejects those in metadata)."""
     base = adapter_config.get("base_model_name_or_path")
+    if isinstance(base, str) and Path(base).exists():
+        # a local folder: a converted model (prepare-model) names the hub model it stands for; a tiny
+        # test model names none
+        from refusal_lightning.prepare_model import real_base_model_id
+
+        base = real_base_model_id(base)
     if not isinstance(base, str) or not _HUB_ID.fullmatch(base) or ".." in base or "--" in base:
-        return None
-    if Path(base).exists():  # a local checkout (e.g. the demo's tiny model) is not a Hub id
         return None
     return base
 
@@ -244,7 +248,7 @@ _KIND_TEXT = {
     ),
     AdapterKind.VANILLA_ATTACK: (
         "a **vanilla attack adapter**: a LoRA trained on HarmfulQA *red* (compliant) replies on top of the "
-        "base model with the refusal adapter merged in, with no constraint. It is the baseline the "
+        "base model plus the frozen refusal adapter, with no constraint. It is the baseline the "
         "orthogonal attack is compared with."
     ),
     AdapterKind.ORTHOGONAL_ATTACK: (
@@ -390,9 +394,17 @@ def _usage_section(inputs: CardInputs, repo_id: str, base: str | None) -> str:
     if inputs.kind in (AdapterKind.VANILLA_ATTACK, AdapterKind.ORTHOGONAL_ATTACK):
         lines += [
             "",
-            "Attack adapters were trained on top of the base model with the refusal adapter merged in "
-            "(`merge_and_unload()`): load and merge the refusal adapter first to reproduce the evaluated "
-            "model.",
+            "This attack adapter was trained on top of the base model plus the refusal adapter (frozen, "
+            "unmerged), and that stack is the model that was evaluated. The subfolder `combined/` holds it "
+            "as one adapter for the plain base (refusal and attack ranks concatenated, scales folded in):",
+            "",
+            "```python",
+            f'model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained("{base_id}"), '
+            f'"{repo_id}", subfolder="combined")',
+            "```",
+            "",
+            f"With vLLM: `vllm serve {base_id} --enable-lora --max-lora-rank R --lora-modules "
+            "attack=<local copy>/combined`, where R is `r` in `combined/adapter_config.json`.",
         ]
     if base is None:
         lines += [

@@ -9,6 +9,7 @@ everything downstream of it (their fingerprints include its one).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import shutil
@@ -244,6 +245,7 @@ def pipeline(
     serve: bool = True,
     endpoints: dict[str, str] | None = None,
     evaluation: dict[str, Any] | None = None,
+    nll_max_pairs: int | None = 128,
     force: list[Stage] | None = None,
     until: Stage | None = None,
 ) -> dict | None:
@@ -265,6 +267,7 @@ def pipeline(
         endpoints: model name -> URL (``URL#served_model``) for base, refusal, vanilla, orthogonal when
             ``serve`` is false.
         evaluation: extra arguments for ``evaluate`` (prompts, judge, judge_url, max_tokens, samples, ...).
+        nll_max_pairs: held-out pairs per thread (red, blue) for the NLL of each model (None: all).
         force: stages to redo even when up to date (their downstream stages are redone too).
         until: stop after this stage (e.g. ``orthogonal``: train everything, then start vLLM on the
             adapters and rerun without ``until``; the finished stages are skipped).
@@ -274,7 +277,7 @@ def pipeline(
             raise PipelineError("build_tiny_model and prepare_model both write base_model: choose one")
         return _run_pipeline(Path(run_dir), base_model, build_tiny_model, prepare_model, Path(refusal_config),
                              Path(vanilla_config), Path(orthogonal_config), list(fit_overrides or []), serve,
-                             endpoints, evaluation, set(force or []), until)
+                             endpoints, evaluation, nll_max_pairs, set(force or []), until)
     except _StopAfter:
         print(f"[pipeline] stopped after '{until}' as asked")
         return None
@@ -282,11 +285,12 @@ def pipeline(
 
 def _run_pipeline(run: Path, base_model: str, build_tiny_model: bool, prepare_model: bool, refusal_cfg: Path,
                   vanilla_cfg: Path, orthogonal_cfg: Path, overrides: list[str], serve: bool,
-                  endpoints: dict[str, str] | None, evaluation: dict[str, Any] | None, forced: set[str],
+                  endpoints: dict[str, str] | None, evaluation: dict[str, Any] | None,
+                  nll_max_pairs: int | None, forced: set[str],
                   until: str | None) -> dict:
     run.mkdir(parents=True, exist_ok=True)
     state = State(run / "pipeline_state.json")
-    log = print
+    log = functools.partial(print, flush=True)  # stage lines show up at once in a redirected log
     prints: dict[str, str] = {}
 
     def stage(name: str, inputs: Any, outputs: list[Path], work: Callable[[bool], None],
@@ -368,12 +372,12 @@ def _run_pipeline(run: Path, base_model: str, build_tiny_model: bool, prepare_mo
         from refusal_lightning.heldout_nll import heldout_nll
 
         values = heldout_nll(base_model, {"base": None, **{k: str(v) for k, v in served.items()}},
-                             red_data=attack_data, blue_data=refusal_data)
+                             red_data=attack_data, blue_data=refusal_data, max_pairs=nll_max_pairs)
         atomic_write_text(nll_path, json.dumps(values, indent=2) + "\n")
 
     adapter_prints = [_file_sha(f.output_dir / adapter_file) for f in fits.values()]
     stage("nll", [prints["refusal"], prints["vanilla"], prints["orthogonal"], adapter_prints, attack_data,
-                  refusal_data], [nll_path], measure_nll, clear=[])
+                  refusal_data, nll_max_pairs], [nll_path], measure_nll, clear=[])
 
     # 6. serve + evaluate
     from refusal_lightning.evaluation.runner import evaluate
