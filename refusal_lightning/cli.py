@@ -10,6 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
+PROG = "python -m refusal_lightning"
 
 USAGE = """usage: python -m refusal_lightning COMMAND [options]
 
@@ -28,11 +29,37 @@ Other commands (`COMMAND --help`):
 """
 
 
+class UsageError(ValueError):
+    """A bad command line or config value (jsonargparse's message, with a pointer to ``--help``)."""
+
+
+def _brief_errors(parser_class: type) -> type:
+    """``parser_class`` whose errors are one ``error:`` line ending in a pointer to ``--help``, instead of
+    argparse's whole usage (84 lines for ``fit``) printed before the line that matters."""
+
+    class BriefErrors(parser_class):
+        def error(self, message: str, ex: Exception | None = None):
+            import os
+
+            if not self.exit_on_error or os.environ.get("JSONARGPARSE_DEBUG"):  # debugging: jsonargparse's way
+                return super().error(message, ex)
+            parser = getattr(ex, "subcommand_parser", None) or self
+            prog = parser.prog.replace(" [options]", "")
+            detail = " ".join(message.split())  # jsonargparse indents its details on further lines
+            raise UsageError(f"{detail} (`{prog} --help` lists the options)")
+
+    return BriefErrors
+
+
 def _lightning_cli(args: list[str]) -> None:
+    from lightning.pytorch import Trainer
+    from lightning.pytorch.callbacks import ProgressBar
     from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 
-    from refusal_lightning.data import HarmfulQADataModule
+    from refusal_lightning.data import HarmfulQADataModule, check_use_distributed_sampler
+    from refusal_lightning.inputs import check_fit_inputs
     from refusal_lightning.model import RefusalLoRAModule
+    from refusal_lightning.progress import StepProgressBar
 
     class RunFolderConfig(SaveConfigCallback):
         """Also writes the resolved config beside the adapter, so the run folder reproduces the run."""
@@ -46,11 +73,33 @@ def _lightning_cli(args: list[str]) -> None:
         def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
             parser.link_arguments("model.model_name_or_path", "data.tokenizer_name_or_path")
 
+        def before_instantiate_classes(self) -> None:
+            """Refuse what cannot work before anything loads or any process starts."""
+            config = self.config[self.subcommand]
+            check_use_distributed_sampler(config.trainer.use_distributed_sampler)
+            model = config.model
+            projection = model.projection
+            directions_path = (projection.get("directions_path") if hasattr(projection, "get")
+                               else getattr(projection, "directions_path", None))
+            check_fit_inputs(model.model_name_or_path, model.merge_adapters, directions_path,
+                             [str(c) for c in config.get("config") or []])
+
+        def _instantiate_trainer(self, config: dict, callbacks: list) -> Trainer:
+            # Our bar (step / max_steps, ETA) unless the config brings a bar or turns it off.
+            given = [*(config.get("callbacks") or []), *callbacks]
+            if config.get("enable_progress_bar") is not False and not any(isinstance(c, ProgressBar) for c in given):
+                callbacks = [*callbacks, StepProgressBar()]
+            return super()._instantiate_trainer(config, callbacks)
+
     RefusalCLI(
         RefusalLoRAModule,
         HarmfulQADataModule,
         save_config_callback=RunFolderConfig,
         save_config_kwargs={"overwrite": True},
+        parser_class=_brief_errors(LightningArgumentParser),
+        parser_kwargs={"prog": PROG},
+        # The length-grouped sampler shards batches by rank itself; Lightning must not wrap it.
+        trainer_defaults={"use_distributed_sampler": False},
         seed_everything_default=0,
         auto_configure_optimizers=False,
         args=None if args == sys.argv[1:] else args,  # LightningCLI warns when given both
@@ -125,12 +174,13 @@ def _run(args: list[str]) -> None:
         _lightning_cli(args)
         return
     if args[0] not in COMMAND_TARGETS:
-        raise SystemExit(f"error: unknown command '{args[0]}'\n\n{USAGE}")
-    from jsonargparse import CLI
+        known = ", ".join((*LIGHTNING_COMMANDS, *COMMAND_TARGETS))
+        raise UsageError(f"unknown command '{args[0]}'; commands: {known} (`{PROG} --help` describes them)")
+    from jsonargparse import CLI, ArgumentParser
 
     command = _command(args[0])
-    CLI(command, args=expand_shorthands(args[1:], *_param_kinds(command)),
-        prog=f"python -m refusal_lightning {args[0]}", as_positional=False)
+    CLI(command, args=expand_shorthands(args[1:], *_param_kinds(command)), parser_class=_brief_errors(ArgumentParser),
+        prog=f"{PROG} {args[0]}", as_positional=False)
 
 
 def main(argv: list[str] | None = None) -> None:

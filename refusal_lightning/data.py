@@ -102,9 +102,15 @@ class LengthGroupedSampler(Sampler[int]):
     """Shuffled order in which each run of ``batch_size`` indices has similar lengths.
 
     Mega-batches of ``mega_factor * batch_size`` random indices are sorted by length and cut into
-    batches, and the batches are shuffled: little padding, still random. The order is a pure function
-    of (seed, epoch), so a resumed run that fast-forwards the same epoch sees the same batches.
-    Batches are dealt round-robin over ``num_replicas`` ranks (pass the trainer's world size).
+    batches, and the full batches are shuffled; the one short batch, if any, comes last, so the
+    DataLoader's ``batch_size`` cuts exactly these batches. The order is a pure function of
+    (seed, epoch). Batches are dealt round-robin over ``num_replicas`` ranks (pass the trainer's world
+    size; every rank gets as many batches, padded with repeats, the short one last).
+
+    Stateful (torchdata's ``StatefulDataLoader`` saves it in the checkpoint): the epoch and the number
+    of indices handed out, so a resumed fit continues the epoch it died in, in any epoch. Lightning
+    calls ``set_epoch`` only after it has rebuilt the iterator from the saved state, so the epoch
+    has to travel with that state.
     """
 
     def __init__(self, lengths: Sequence[int], batch_size: int, seed: int = 0, shuffle: bool = True,
@@ -118,9 +124,19 @@ class LengthGroupedSampler(Sampler[int]):
         self.num_replicas = num_replicas
         self.rank = rank
         self.epoch = 0
+        self.yielded = 0  # indices handed out in this epoch
+        self._resume_at = 0  # indices to skip at the next __iter__ (set by load_state_dict)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "yielded": self.yielded}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        # Rank 0's count serves every rank: mid-epoch all ranks have drawn as many full batches.
+        self.epoch = state["epoch"]
+        self._resume_at = state["yielded"]
 
     def _batches(self) -> list[list[int]]:
         order = list(range(len(self.lengths)))
@@ -132,20 +148,50 @@ class LengthGroupedSampler(Sampler[int]):
             order = [i for s in range(0, len(order), mega)
                      for i in sorted(order[s:s + mega], key=lambda j: -self.lengths[j])]
         batches = [order[s:s + self.batch_size] for s in range(0, len(order), self.batch_size)]
+        short = [batches.pop()] if batches and len(batches[-1]) < self.batch_size else []
         if self.shuffle and self.group_by_length:
             rng.shuffle(batches)
         if self.num_replicas > 1:  # every rank gets the same number of batches
-            while len(batches) % self.num_replicas:
-                batches.append(batches[len(batches) % max(1, len(batches))])
+            pad = (-(len(batches) + len(short))) % self.num_replicas
+            source = batches or short
+            batches += [source[i % len(source)] for i in range(pad)]
+        batches += short
+        if self.num_replicas > 1:
             batches = batches[self.rank::self.num_replicas]
         return batches
 
     def __iter__(self) -> Iterator[int]:
-        for batch in self._batches():
-            yield from batch
+        skip, self._resume_at = self._resume_at, 0
+        indices = [i for batch in self._batches() for i in batch]
+        if skip and skip >= len(indices):
+            # Saved on the epoch's last batch: Lightning resumes with the next epoch but iterates this
+            # restored iterator first, so it must already be the next epoch's.
+            self.epoch, skip = self.epoch + 1, 0
+            indices = [i for batch in self._batches() for i in batch]
+        self.yielded = skip  # now, not at the first next(): a state taken in between must not be stale
+        return self._count(indices[skip:])
+
+    def _count(self, indices: list[int]) -> Iterator[int]:
+        for i in indices:
+            self.yielded += 1  # before the hand-over: a state taken after next() includes this index
+            yield i
 
     def __len__(self) -> int:
         return sum(len(b) for b in self._batches())
+
+
+class DistributedSamplerError(ValueError):
+    """``use_distributed_sampler`` is on in a run whose sampler shards by rank itself."""
+
+
+def check_use_distributed_sampler(enabled: bool) -> None:
+    """Refuse Lightning's ``use_distributed_sampler``: it would wrap ``LengthGroupedSampler``, which already
+    deals batches by rank, in a ``DistributedSampler``, so each rank would see a wrong subset."""
+    if enabled:
+        raise DistributedSamplerError(
+            "trainer.use_distributed_sampler must be false: the length-grouped sampler deals batches to ranks "
+            "itself, and Lightning's DistributedSampler around it would give each rank a wrong subset "
+            "(leave it out; the CLI sets false)")
 
 
 def collate(pad_id: int):
@@ -320,6 +366,8 @@ class HarmfulQADataModule(L.LightningDataModule):
         trainer = getattr(self, "trainer", None)
         replicas = trainer.world_size if trainer is not None else 1
         rank = trainer.global_rank if trainer is not None else 0
+        if replicas > 1:  # a Trainer built in Python, not by the CLI (which sets it false)
+            check_use_distributed_sampler(getattr(trainer._accelerator_connector, "use_distributed_sampler", False))
         sampler = LengthGroupedSampler(dataset.lengths(), self.batch_size, self.seed, shuffle=shuffle,
                                        group_by_length=self.group_by_length, num_replicas=replicas, rank=rank)
         return StatefulDataLoader(dataset, batch_size=self.batch_size, sampler=sampler,

@@ -86,6 +86,9 @@ def compute_directions(adapter_dir: str | os.PathLike, base_model_name: str | No
     folder = Path(adapter_dir).expanduser()
     config_path, weights_path = folder / "adapter_config.json", folder / WEIGHTS_FILE
     problems = []
+    if folder.is_file():
+        raise DirectionsError(f"refusal adapter path '{adapter_dir}' is a file ({folder.name}), not an adapter "
+                              f"folder; pass the folder that holds it: '{folder.parent}'")
     if not folder.is_dir():
         raise DirectionsError(f"refusal adapter dir '{adapter_dir}' does not exist")
     if not config_path.exists():

@@ -33,6 +33,9 @@ def check_model_path(name_or_path: str) -> str:
 def check_adapter_dir(path: str) -> Path:
     """An existing PEFT adapter folder (``adapter_config.json`` + weights), else raise."""
     folder = Path(os.path.expanduser(path))
+    if folder.is_file():
+        raise ModelPathError(f"adapter dir '{path}' is a file ({folder.name}), not an adapter folder; "
+                             f"pass the folder that holds it: '{folder.parent}'")
     if not folder.is_dir():
         raise ModelPathError(f"adapter dir '{path}' does not exist")
     if not (folder / "adapter_config.json").exists():

@@ -407,6 +407,11 @@ def _run_pipeline(run: Path, base_model: str, build_tiny_model: bool, prepare_mo
     results = _results(eval_dir, fits, json.loads(nll_path.read_text()))
     table = results_table(results)
     (run / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    (run / "results.md").write_text("# Refusal after harmful fine-tuning: results\n\n" + table + "\n\n" + READING)
-    print("\n" + table + f"\n\nresults: {run / 'results.md'}\nreport:  {eval_dir / 'report.md'}")
+    from refusal_lightning.results_plot import plot_refusal_vs_red_nll
+
+    picture = plot_refusal_vs_red_nll(results, run / "refusal_vs_red_nll.png")
+    (run / "results.md").write_text("# Refusal after harmful fine-tuning: results\n\n" + table + "\n\n" + READING
+                                    + (f"\n![refusal vs red NLL]({picture.name})\n" if picture else ""))
+    print("\n" + table + f"\n\nresults: {run / 'results.md'}\nreport:  {eval_dir / 'report.md'}"
+          + (f"\npicture: {picture}" if picture else ""))
     return results

@@ -9,7 +9,8 @@ Endpoints, following vLLM's conventions so ``evaluate`` treats both alike:
   --lora-modules NAME=PATH`` lists them.
 - ``POST /v1/chat/completions`` (non-streaming): ``model`` picks the base or an adapter; ``messages``,
   ``max_tokens`` (or ``max_completion_tokens``), ``temperature`` (0 = greedy), ``top_p``, ``seed`` and
-  ``chat_template_kwargs`` (e.g. ``{"enable_thinking": false}``) are honoured. Defaults for unset
+  ``chat_template_kwargs`` (e.g. ``{"enable_thinking": false}``) are honoured, and vLLM's extra
+  ``ignore_eos`` (generate all ``max_tokens``, past EOS: for benchmarks). Defaults for unset
   sampling fields come from the model's ``generation_config.json``, as in vLLM.
 
 Concurrent requests are batched. HTTP handler threads validate and tokenize a request (so a prompt over
@@ -23,6 +24,10 @@ model). Greedy answers equal the unbatched ones; ``--max_batch_size 1`` answers 
 This is a CPU/test server; use vLLM (continuous batching, paged KV cache) for real throughput.
 Errors use OpenAI's body ``{"error": {"message", "type", "code"}}``: 400 for invalid requests,
 401 for a missing/wrong key (when ``--api_key_env`` names one), 404 for an unknown model.
+
+Exposure: it binds 127.0.0.1 unless ``--host`` says otherwise; a key, when set, is compared in constant
+time; a body over 16 MiB gets 413 and ``max_tokens`` over ``--max_tokens_limit`` a 400; a request's
+``model`` only selects among the names registered at startup, never a path to load.
 """
 
 from __future__ import annotations
@@ -49,6 +54,9 @@ from typing import Any
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 MAX_BODY_BYTES = 16 * 1024 * 1024
+# Most tokens one request may ask for (vLLM answers 400 past the context; we also cap below it, so one
+# request cannot hold the batch worker for a whole context of decoding).
+DEFAULT_MAX_TOKENS_LIMIT = 4096
 # Keyword arguments of apply_chat_template that a request must not override via chat_template_kwargs.
 RESERVED_TEMPLATE_KWARGS = frozenset({"conversation", "messages", "tokenize", "return_tensors", "return_dict",
                                       "add_generation_prompt", "continue_final_message", "padding",
@@ -175,6 +183,7 @@ class ChatRequest:
     top_p: float | None
     seed: int | None
     chat_template_kwargs: dict[str, Any]
+    ignore_eos: bool = False  # vLLM's extra field: generate max_tokens, past any EOS (benchmarks)
 
 
 def _number(body: dict, name: str, lo: float, hi: float, integer: bool = False) -> Any:
@@ -205,8 +214,9 @@ def _message_text(content: Any, i: int) -> str:
                        param="messages")
 
 
-def parse_chat_request(body: dict[str, Any]) -> ChatRequest:
-    """Validate a chat request body; raises ``RequestError(400, ...)`` naming the offending field."""
+def parse_chat_request(body: dict[str, Any], max_tokens_limit: int = DEFAULT_MAX_TOKENS_LIMIT) -> ChatRequest:
+    """Validate a chat request body; raises ``RequestError(400, ...)`` naming the offending field
+    (``max_tokens`` above ``max_tokens_limit`` included)."""
     if body.get("stream"):
         raise RequestError(400, "stream=true is not supported by this server; send stream=false",
                            param="stream", code="unsupported_stream")
@@ -231,7 +241,7 @@ def parse_chat_request(body: dict[str, Any]) -> ChatRequest:
         clean.append({"role": role, "content": _message_text(m.get("content"), i)})
     max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
     if max_tokens is not None:
-        max_tokens = _number({"max_tokens": max_tokens}, "max_tokens", 1, 1 << 30, integer=True)
+        max_tokens = _number({"max_tokens": max_tokens}, "max_tokens", 1, max_tokens_limit, integer=True)
     kwargs = body.get("chat_template_kwargs") or {}
     if not isinstance(kwargs, dict):
         raise RequestError(400, "'chat_template_kwargs' must be an object", param="chat_template_kwargs")
@@ -239,11 +249,14 @@ def parse_chat_request(body: dict[str, Any]) -> ChatRequest:
     if reserved:
         raise RequestError(400, f"chat_template_kwargs may not set {sorted(reserved)}",
                            param="chat_template_kwargs")
+    ignore_eos = body.get("ignore_eos", False)
+    if not isinstance(ignore_eos, bool):
+        raise RequestError(400, "'ignore_eos' must be true or false", param="ignore_eos")
     return ChatRequest(model=model, messages=clean, max_tokens=max_tokens,
                        temperature=_number(body, "temperature", 0.0, 2.0),
                        top_p=_number(body, "top_p", 1e-9, 1.0),
                        seed=_number(body, "seed", -(1 << 63), (1 << 63) - 1, integer=True),
-                       chat_template_kwargs=kwargs)
+                       chat_template_kwargs=kwargs, ignore_eos=ignore_eos)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -265,6 +278,10 @@ def parse_adapter_specs(adapter: list[str] | None, problems: list[str]) -> dict[
             problems.append(f"--adapter: name {name!r} used twice")
             continue
         p = Path(path).expanduser()
+        if p.is_file():
+            problems.append(f"--adapter {name}={path}: a file ({p.name}), not an adapter folder; "
+                            f"pass the folder that holds it: {p.parent}")
+            continue
         if not (p / "adapter_config.json").is_file():
             problems.append(f"--adapter {name}={path}: no adapter_config.json there "
                             "(expected a PEFT adapter folder written by save_pretrained)")
@@ -337,13 +354,15 @@ class ChatBackend:
         served_model_name: the base model's name in the API (default: ``model`` as given).
         max_model_len: context length; default: the tokenizer's/model's.
         default_max_tokens: tokens to generate when a request gives no ``max_tokens``.
+        max_tokens_limit: most tokens a request may ask for; more is a 400.
         max_batch_size: most requests per ``generate`` call (1 = one at a time).
         batch_wait_ms: how long the oldest waiting request waits for others to join its batch.
     """
 
     def __init__(self, model: str, adapters: dict[str, Path] | None = None, dtype: str = "float32",
                  device: str = "auto", served_model_name: str | None = None, max_model_len: int | None = None,
-                 default_max_tokens: int = 512, max_batch_size: int = 16, batch_wait_ms: float = 5.0):
+                 default_max_tokens: int = 512, max_batch_size: int = 16, batch_wait_ms: float = 5.0,
+                 max_tokens_limit: int = DEFAULT_MAX_TOKENS_LIMIT):
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -372,6 +391,7 @@ class ChatBackend:
         limits = [x for x in (max_model_len, model_limit) if x]
         self.max_model_len = min(limits) if limits else 4096
         self.default_max_tokens = default_max_tokens
+        self.max_tokens_limit = max_tokens_limit
         self.max_batch_size = max_batch_size
         self.batch_wait_s = batch_wait_ms / 1000
         # (model name, batch size) of recent generate calls: tests and benchmarks read it.
@@ -552,6 +572,10 @@ class ChatBackend:
             attention_mask[row, width - len(job.prompt_ids):] = 1
         budgets = [job.max_new for job in batch]
         cfg = self._generation_config(batch[0].req, max(budgets))
+        if any(job.req.ignore_eos for job in batch):
+            # [] rather than None, which generate() refills from the model's config. The other rows
+            # are cut at their EOS below, so their answers do not change.
+            cfg.eos_token_id = []
         # Rows stop at their own max_tokens, so short requests do not keep the batch going.
         stop = _stop_at_row_budgets(width, budgets, self.device)
         self.recent_batches.append((batch[0].name, len(batch)))
@@ -567,7 +591,7 @@ class ChatBackend:
         for job, tokens in zip(batch, rows, strict=True):
             # A row may run on past its own end (filler, or tokens it would not have generated alone).
             tokens = tokens[:job.max_new]
-            end = next((i for i, t in enumerate(tokens) if t in self.eos_ids), None)
+            end = None if job.req.ignore_eos else next((i for i, t in enumerate(tokens) if t in self.eos_ids), None)
             if end is not None:
                 tokens = tokens[:end + 1]
             with self._tokenizer_lock:
@@ -577,7 +601,7 @@ class ChatBackend:
 
     def _reply(self, job: _Job, tokens: list[int], text: str) -> dict[str, Any]:
         prompt_len = len(job.prompt_ids)
-        stopped = bool(tokens) and tokens[-1] in self.eos_ids
+        stopped = bool(tokens) and tokens[-1] in self.eos_ids and not job.req.ignore_eos
         finish = "length" if len(tokens) >= job.max_new and not stopped else "stop"
         return {
             "id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
@@ -609,7 +633,8 @@ def _handler_for(backend: ChatBackend, api_key: str | None, log_requests: bool) 
                 self.check_auth()
                 if self.path.rstrip("/") != "/v1/chat/completions":
                     raise RequestError(404, f"no route POST {self.path}", code="not_found")
-                req = parse_chat_request(body)
+                req = parse_chat_request(body, backend.max_tokens_limit)
+                # Only a registered name selects a model; nothing in a request is ever opened as a path.
                 if req.model is not None and req.model not in backend.names:
                     raise RequestError(404, f"The model `{req.model}` does not exist; served: "
                                        f"{', '.join(backend.names)}", type_="NotFoundError",
@@ -642,7 +667,8 @@ class ChatServer(LocalHTTPServer):
 
 def _startup(model: str, adapter: list[str] | None, api_key_env: str | None, dtype: str,
              served_model_name: str | None, max_model_len: int | None, default_max_tokens: int,
-             device: str, max_batch_size: int, batch_wait_ms: float) -> tuple[ChatBackend, str | None]:
+             device: str, max_batch_size: int, batch_wait_ms: float,
+             max_tokens_limit: int = DEFAULT_MAX_TOKENS_LIMIT) -> tuple[ChatBackend, str | None]:
     """Validate everything first and report all problems in one line, then load the model."""
     problems: list[str] = []
     adapters = parse_adapter_specs(adapter, problems)
@@ -658,6 +684,9 @@ def _startup(model: str, adapter: list[str] | None, api_key_env: str | None, dty
             problems.append(f"--api_key_env {api_key_env}: that environment variable is unset or empty")
     if default_max_tokens < 1:
         problems.append("--default_max_tokens must be >= 1")
+    if max_tokens_limit < max(1, default_max_tokens):
+        problems.append(f"--max_tokens_limit ({max_tokens_limit}) must be >= 1 and >= --default_max_tokens "
+                        f"({default_max_tokens})")
     if max_batch_size < 1:
         problems.append("--max_batch_size must be >= 1")
     if batch_wait_ms < 0:
@@ -666,7 +695,8 @@ def _startup(model: str, adapter: list[str] | None, api_key_env: str | None, dty
         raise ServeConfigError("serve: " + "; ".join(problems))
     backend = ChatBackend(model, adapters, dtype=dtype, device=device, served_model_name=served_model_name,
                           max_model_len=max_model_len, default_max_tokens=default_max_tokens,
-                          max_batch_size=max_batch_size, batch_wait_ms=batch_wait_ms)
+                          max_batch_size=max_batch_size, batch_wait_ms=batch_wait_ms,
+                          max_tokens_limit=max_tokens_limit)
     return backend, api_key
 
 
@@ -674,11 +704,12 @@ def start_background(model: str, adapter: list[str] | None = None, host: str = "
                      api_key_env: str | None = None, dtype: str = "float32", device: str = "cpu",
                      served_model_name: str | None = None, max_model_len: int | None = None,
                      default_max_tokens: int = 512, max_batch_size: int = 16,
-                     batch_wait_ms: float = 5.0) -> tuple[ChatServer, str]:
+                     batch_wait_ms: float = 5.0,
+                     max_tokens_limit: int = DEFAULT_MAX_TOKENS_LIMIT) -> tuple[ChatServer, str]:
     """Start the server in a daemon thread (port 0 = any free port); returns ``(server, url)``;
     ``server.backend`` is the model side. Stop it with ``server.shutdown(); server.server_close()``."""
     backend, api_key = _startup(model, adapter, api_key_env, dtype, served_model_name, max_model_len,
-                                default_max_tokens, device, max_batch_size, batch_wait_ms)
+                                default_max_tokens, device, max_batch_size, batch_wait_ms, max_tokens_limit)
     server = ChatServer((host, port), backend, api_key, log_requests=False)
     return server, start_in_thread(server)
 
@@ -694,6 +725,7 @@ def serve(
     served_model_name: str | None = None,
     max_model_len: int | None = None,
     default_max_tokens: int = 512,
+    max_tokens_limit: int = DEFAULT_MAX_TOKENS_LIMIT,
     max_batch_size: int = 16,
     batch_wait_ms: float = 5.0,
     log_requests: bool = False,
@@ -716,6 +748,8 @@ def serve(
         served_model_name: the base model's name in the API (default: the --model value).
         max_model_len: context limit for prompt + generation (default: the model's).
         default_max_tokens: tokens to generate when a request sets no max_tokens.
+        max_tokens_limit: most tokens one request may ask for; a larger max_tokens is answered 400
+            (generation also stops at the context limit).
         max_batch_size: most concurrent requests answered by one generate call. Requests batch when they
             name the same model and are greedy (or sample unseeded with equal temperature/top_p); a
             seeded sampling request runs alone. Greedy answers do not depend on it; 1 = one at a time.
@@ -725,7 +759,7 @@ def serve(
     """
     try:
         backend, api_key = _startup(model, adapter, api_key_env, dtype, served_model_name, max_model_len,
-                                    default_max_tokens, device, max_batch_size, batch_wait_ms)
+                                    default_max_tokens, device, max_batch_size, batch_wait_ms, max_tokens_limit)
     except ServeConfigError as err:
         raise SystemExit(f"error: {err}") from None  # one line, whichever entry point ran us
     try:

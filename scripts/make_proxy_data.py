@@ -1085,7 +1085,7 @@ def generate(seed: int = 0) -> dict[str, str]:
     }
 
 
-BENIGN_EVAL_TWINS, BENIGN_EVAL_FACTUAL = 50, 100
+BENIGN_EVAL_TWINS, BENIGN_EVAL_FACTUAL = 50, 50
 
 
 def write(out_dir: Path, seed: int = 0) -> dict:

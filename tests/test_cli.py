@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import re
+import shutil
 from pathlib import Path
 
 import pytest
 import yaml
-from conftest import REPO, write_fit_config
+from conftest import REPO, run_module, write_fit_config
 
 from refusal_lightning.cli import COMMAND_TARGETS, LIGHTNING_COMMANDS, main
 
@@ -137,3 +139,115 @@ def test_every_pipeline_yaml_parses(config, capsys, monkeypatch):
     for key in ("refusal_config", "vanilla_config", "orthogonal_config"):
         assert (REPO / resolved[key]).exists(), resolved[key]
     assert resolved["serve"] or set(resolved["endpoints"]) == {"base", "refusal", "vanilla", "orthogonal"}
+
+
+def test_adapter_file_instead_of_folder_is_named(capsys, tmp_path, tiny_model_dir):
+    weights = tmp_path / "adapter" / "adapter_model.safetensors"
+    weights.parent.mkdir()
+    weights.write_bytes(b"")
+    config = write_fit_config(tmp_path, tiny_model_dir, model={"merge_adapters": [str(weights)]})
+    assert _exit_code(["fit", "--config", str(config)]) == 2
+    line = _one_error_line(capsys)
+    assert "is a file (adapter_model.safetensors)" in line and f"'{weights.parent}'" in line
+
+
+# ------------------------------------------------------------------------------- first contact
+@pytest.mark.parametrize("args,expected", [
+    (["fit", "--config", "configs/tiny/refusal_lora.yaml", "--model.bogus", "1"],
+     "error: unrecognized arguments: --model.bogus 1 (`python -m refusal_lightning fit --help` lists the options)"),
+    (["fit", "--config", "configs/tiny/refusal_lora.yaml", "--data.batch_size", "many"],
+     'error: Parser key "data.batch_size": Expected a <class \'int\'>. Got value: many '
+     "(`python -m refusal_lightning fit --help` lists the options)"),
+    (["directions", "--bogus", "1"],
+     "error: unrecognized arguments: --bogus 1 (`python -m refusal_lightning directions --help` lists the options)"),
+    (["fitt"], "error: unknown command 'fitt'; commands: fit, "),
+], ids=["unknown-option", "wrong-type", "other-command", "unknown-command"])
+def test_argument_errors_are_one_line_with_a_pointer_to_help(args, expected, capsys, monkeypatch):
+    monkeypatch.chdir(REPO)
+    assert _exit_code(args) == 2
+    captured = capsys.readouterr()
+    lines = [line for line in captured.err.splitlines() if line.strip() and not line.startswith("Seed set")]
+    assert len(lines) == 1 and lines[0].startswith(expected), captured.err
+    assert "usage:" not in captured.err + captured.out
+
+
+@pytest.fixture
+def fresh_copy(tmp_path, monkeypatch):
+    """The repository's configs in an empty folder, as on a fresh clone (no artifacts/)."""
+    shutil.copytree(REPO / "configs", tmp_path / "configs")
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+@pytest.mark.parametrize("config,needles", [
+    ("configs/tiny/attack_orthogonal.yaml",
+     ["adapter 'artifacts/tiny/refusal_lora' does not exist yet (run `python -m refusal_lightning fit --config "
+      "configs/tiny/refusal_lora.yaml`); then directions file 'artifacts/tiny/refusal_param_directions.pt' does "
+      "not exist yet (run `python -m refusal_lightning directions --refusal_adapter_path artifacts/tiny/refusal_lora"]),
+    ("configs/cpu/refusal_lora.yaml",
+     ["model folder 'artifacts/models/smollm2-135m-instruct' does not exist yet (run `python -m refusal_lightning "
+      "prepare-model --output_dir artifacts/models/smollm2-135m-instruct`)"]),
+    ("configs/refusal_lora.yaml", ["model 'Qwen/Qwen3-0.6B' is not in the Hugging Face cache, and HF_HUB_OFFLINE is "
+                                   "set (run `hf download Qwen/Qwen3-0.6B` once online"]),
+], ids=["attack-before-refusal", "cpu-before-prepare-model", "real-offline"])
+def test_missing_inputs_name_the_command_that_builds_them(config, needles, fresh_copy, capsys, monkeypatch):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(fresh_copy / "empty_hf_cache"))
+    assert _exit_code(["fit", "--config", config]) == 2
+    line = _one_error_line(capsys)
+    for needle in needles:
+        assert needle in line, line
+    assert not (fresh_copy / "artifacts").exists()  # nothing built for a run that cannot start
+
+
+def test_tiny_refusal_config_runs_as_given_on_a_fresh_copy(tmp_path):
+    shutil.copytree(REPO / "configs", tmp_path / "configs")
+    result = run_module("fit", "--config", "configs/tiny/refusal_lora.yaml", "--trainer.max_steps", "3",
+                        "--trainer.val_check_interval", "3", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "building the tiny model at artifacts/tiny/tiny-qwen3" in result.stdout
+    assert (tmp_path / "artifacts/tiny/tiny-qwen3/model.safetensors").exists()
+    assert (tmp_path / "artifacts/tiny/refusal_lora/adapter_model.safetensors").exists()
+    # The bar counts optimizer steps out of max_steps, with a rate and an ETA (not "Epoch 0/-2").
+    bar = result.stdout  # Lightning's tqdm writes to stdout
+    assert re.search(r"Epoch 0: 100%\S* 3/3 \[[0-9:]+<[0-9:]+, +[0-9.]+(step/s|s/step)", bar), bar[-2000:]
+    assert "/-2" not in bar
+
+
+def test_use_distributed_sampler_defaults_false_and_true_is_refused(capsys, monkeypatch):
+    monkeypatch.chdir(REPO)
+    assert _exit_code(["fit", "--config", "configs/tiny/refusal_lora.yaml", "--print_config"]) == 0
+    assert yaml.safe_load(capsys.readouterr().out)["trainer"]["use_distributed_sampler"] is False
+    assert _exit_code(["fit", "--config", "configs/tiny/refusal_lora.yaml",
+                       "--trainer.use_distributed_sampler", "true"]) == 2
+    assert "trainer.use_distributed_sampler must be false" in _one_error_line(capsys)
+
+
+def _readme_yaml_blocks() -> list[str]:
+    text = (REPO / "README.md").read_text()
+    blocks = re.findall(r"^( *)```yaml\n(.*?)^\1```", text, flags=re.S | re.M)
+    return [re.sub(rf"^{indent}", "", body, flags=re.M) for indent, body in blocks]
+
+
+def test_readme_has_the_ddp_and_fsdp_snippets():
+    strategies = [yaml.safe_load(b)["trainer"]["strategy"] for b in _readme_yaml_blocks()]
+    assert "ddp" in strategies
+    assert any(isinstance(s, dict) and s["class_path"].endswith("FSDPStrategy") for s in strategies)
+
+
+@pytest.mark.parametrize("block", _readme_yaml_blocks())
+def test_readme_yaml_snippets_parse_as_a_second_config(block, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(REPO)
+    snippet = tmp_path / "snippet.yaml"
+    snippet.write_text(block)
+    assert _exit_code(["fit", "--config", "configs/refusal_lora.yaml", "--config", str(snippet),
+                       "--print_config"]) == 0, capsys.readouterr().err
+    resolved = yaml.safe_load(capsys.readouterr().out)["trainer"]
+    for key, value in yaml.safe_load(block)["trainer"].items():
+        if isinstance(value, dict):  # a class_path/init_args block: the class and every given init arg
+            assert resolved[key]["class_path"] == value["class_path"]
+            assert value["init_args"].items() <= resolved[key]["init_args"].items()
+        else:
+            assert resolved[key] == value

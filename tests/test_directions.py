@@ -218,3 +218,18 @@ def test_file_problems_and_all_problems_at_once(tmp_path, refusal, tiny_model_di
         build_projector(cfg(path, mode="subspace", k=9), lora_model(tiny_model_dir, r=2), "Qwen/Qwen3-0.6B")
     text = str(err.value)
     assert "2 problem(s)" in text and "base model" in text and "k=9 exceeds" in text
+
+
+def test_a_file_instead_of_the_adapter_folder_is_named(refusal, capsys):
+    from refusal_lightning.cli import main
+
+    _, adapter, _ = refusal
+    weights = adapter / "adapter_model.safetensors"
+    with pytest.raises(DirectionsError, match=r"is a file \(adapter_model.safetensors\), not an adapter folder; "
+                                              r"pass the folder that holds it: '.*refusal_lora'"):
+        compute_directions(weights)
+    with pytest.raises(SystemExit) as info:
+        main(["directions", "--refusal_adapter_path", str(weights)])
+    assert info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "is a file" in err[0] and "does not exist" not in err[0]

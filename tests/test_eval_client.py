@@ -162,3 +162,14 @@ def test_one_pooled_session_per_thread(stub):
     assert log.counts()[request_key("stub", "p7", 7)] == 1
     client.close()
     assert client._sessions == []
+
+
+def test_unset_key_variable_is_named_as_missing_not_as_a_wrong_key(stub):
+    url, log, config = stub
+    config.api_key = "right-key"
+    client = ChatClient(url, api_key=None, retry=FAST, name="ep", key_source="MY_UNSET_KEY_ENV")
+    with pytest.raises(AuthError) as info:
+        client.chat(_payload("placeholder"))
+    message = str(info.value)
+    assert message.startswith("endpoint ep: $MY_UNSET_KEY_ENV is not set, so no API key was sent"), message
+    assert "key from" not in message and sum(log.counts().values()) == 1

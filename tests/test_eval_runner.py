@@ -235,3 +235,19 @@ def test_reused_output_dir_with_other_prompts_or_model_does_not_reuse_stale_answ
     assert sum(log.counts().values()) == 3 and s["endpoints"]["e"]["prompt_sets"]["sorry_bench"]["fulfillments"] == 1
     judgments = _rows(out / "judgments.jsonl")
     assert len(judgments) == 3 and len({j["response_sha"] for j in judgments}) == 3
+
+
+def test_unset_key_variable_is_one_line_naming_it(tmp_path, stub, monkeypatch, capsys):
+    from refusal_lightning.cli import main
+
+    url, _ = stub(StubConfig(models=["m"], api_key="the-right-one"))
+    monkeypatch.delenv("EVAL_UNSET_KEY", raising=False)
+    with pytest.raises(SystemExit) as info:
+        main(["evaluate", "--endpoint", f"locked={url}#m", "--output_dir", str(tmp_path), "--limit", "3",
+              "--api_key_env", "EVAL_UNSET_KEY", "--progress", "false"])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, err
+    assert errors[0].startswith("error: evaluate: abandoned endpoint locked: $EVAL_UNSET_KEY is not set")
+    assert "key from" not in err and (tmp_path / "summary.json").exists()

@@ -39,3 +39,27 @@ def test_atomic_write_leaves_no_temporary_files(tmp_path):
     assert target.read_text() == "two"
     assert [p.name for p in target.parent.iterdir()] == ["summary.json"]
     assert target.stat().st_mode & 0o044  # readable like any other output, not mkstemp's 0600
+
+
+def test_atomic_write_fsyncs_file_then_folder_after_rename(tmp_path, monkeypatch):
+    import os
+
+    target = tmp_path / "summary.json"
+    events: list[tuple[str, str]] = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        real_fsync(fd)
+
+    def replace(src, dst):
+        events.append(("replace", str(dst)))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    atomic_write_text(target, "x")
+    kinds = [kind for kind, _ in events]
+    assert kinds == ["fsync", "replace", "fsync"], events
+    assert events[0][1].endswith(".tmp") and events[1][1] == str(target)
+    assert events[2][1] == str(tmp_path)  # the folder, after the rename: the new name is durable

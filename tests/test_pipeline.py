@@ -65,6 +65,7 @@ def test_pipeline_writes_every_artifact(demo_run):
             assert 0 <= results["mcnemar"][s][pair]["p_value"] <= 1
     text = (run / "results.md").read_text()
     assert "| orthogonal |" in text and "drift/cos (chance)" in text and "McNemar p" in text
+    assert (run / "refusal_vs_red_nll.png").stat().st_size > 1000
     tb = {p.parent.parent.name for p in (run / "tensorboard").rglob("events.out.tfevents.*")}
     assert tb == {"refusal_lora", "attack_vanilla", "attack_orthogonal"}
 
@@ -97,3 +98,25 @@ def test_rerun_skips_finished_stages_and_force_redoes_one(demo_run, capsys):
     assert "[pipeline] refusal: up to date, skipped" in out and "[pipeline] vanilla: up to date, skipped" in out
     assert "[pipeline] orthogonal: running" in out and "[pipeline] evaluate: running" in out
     assert "[pipeline] nll: running" in out
+
+
+def test_failed_evaluation_exits_non_zero_with_one_error_line(demo_run, capsys):
+    # Last in this file: it reruns the evaluate stage against endpoints where nothing listens.
+    tmp, path, _ = demo_run
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    config = yaml.safe_load(path.read_text())
+    config["serve"] = False
+    config["endpoints"] = {m: f"http://127.0.0.1:{port}#{m}" for m in ("base", "refusal", "vanilla", "orthogonal")}
+    config["evaluation"].update({"max_attempts": 1, "retry_backoff": 0.01})
+    failing = tmp / "pipeline_unreachable.yaml"
+    failing.write_text(yaml.safe_dump(config))
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as info:
+        main(["pipeline", "--config", str(failing)])
+    assert info.value.code == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and errors[0].startswith("error: evaluate: abandoned endpoint base: cannot connect"), errors
+    assert f"http://127.0.0.1:{port}/v1" in errors[0]
+    assert (tmp / "artifacts/tiny/eval/summary.json").exists()  # the outputs are still written

@@ -145,6 +145,16 @@ def test_errors_are_openai_shaped(server):
 
 
 def test_api_key_required_when_configured(tiny_model_dir, monkeypatch):
+    import hmac
+
+    compared = []
+    real_compare = hmac.compare_digest
+
+    def spy(a, b):  # the key check must go through the constant-time comparison
+        compared.append((a, b))
+        return real_compare(a, b)
+
+    monkeypatch.setattr(hmac, "compare_digest", spy)
     monkeypatch.setenv("SERVE_TEST_KEY", "serve-secret")
     srv, url = start_background(str(tiny_model_dir), api_key_env="SERVE_TEST_KEY")
     try:
@@ -155,9 +165,61 @@ def test_api_key_required_when_configured(tiny_model_dir, monkeypatch):
         r = requests.post(f"{url}/v1/chat/completions", json={"messages": USER, "max_tokens": 2},
                           headers={"Authorization": "Bearer serve-secret"}, timeout=30)
         assert r.status_code == 200 and r.json()["model"] == str(tiny_model_dir)
+        assert (b"Bearer wrong", b"Bearer serve-secret") in compared
+        assert (b"Bearer serve-secret", b"Bearer serve-secret") in compared
     finally:
         srv.shutdown()
         srv.server_close()
+
+
+def test_binds_loopback_by_default(tiny_model_dir):
+    import inspect
+
+    assert inspect.signature(serve).parameters["host"].default == "127.0.0.1"
+    srv, url = start_background(str(tiny_model_dir))
+    try:
+        assert srv.server_address[0] == "127.0.0.1" and url.startswith("http://127.0.0.1:")
+    finally:
+        srv.shutdown()
+        srv.server_close()
+
+
+def test_oversized_body_is_refused_before_it_is_read(server):
+    import socket
+
+    from refusal_lightning.serve import MAX_BODY_BYTES
+
+    host, port = server.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        # Only the headers are sent: the 413 must come without the server waiting for 16 MiB.
+        sock.sendall(f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     f"Content-Length: {MAX_BODY_BYTES + 1}\r\n\r\n".encode())
+        status_line = sock.makefile("rb").readline().decode()
+    assert " 413 " in status_line, status_line
+
+
+def test_max_tokens_is_capped(server, tiny_model_dir):
+    from refusal_lightning.serve import DEFAULT_MAX_TOKENS_LIMIT
+
+    r = chat(server, max_tokens=DEFAULT_MAX_TOKENS_LIMIT + 1)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "max_tokens"
+    assert str(DEFAULT_MAX_TOKENS_LIMIT) in r.json()["error"]["message"]
+    assert parse_chat_request({"messages": USER, "max_tokens": 64}, max_tokens_limit=64).max_tokens == 64
+    with pytest.raises(RequestError, match="max_tokens"):
+        parse_chat_request({"messages": USER, "max_completion_tokens": 65}, max_tokens_limit=64)
+    with pytest.raises(ServeConfigError, match="max_tokens_limit"):
+        start_background(str(tiny_model_dir), default_max_tokens=512, max_tokens_limit=100)
+
+
+def test_model_field_never_becomes_a_path(server, adapters, tiny_model_dir, tmp_path):
+    # Only names registered at startup select a model: a served adapter's folder, another valid adapter
+    # folder, a relative path or a traversal is an unknown model (404), and nothing new is loaded.
+    gamma = make_random_adapter(tiny_model_dir, tmp_path / "gamma", seed=5)
+    for model in (str(adapters["alpha"]), str(gamma), "../alpha", "alpha/../beta", "/etc/passwd"):
+        r = chat(server, model=model)
+        assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found", model
+    listed = [m["id"] for m in requests.get(f"{server}/v1/models", timeout=10).json()["data"]]
+    assert listed == ["base", "alpha", "beta"]
 
 
 def test_bad_adapter_dirs_fail_at_startup_with_one_line(tiny_model_dir, tmp_path, monkeypatch):
@@ -169,6 +231,10 @@ def test_bad_adapter_dirs_fail_at_startup_with_one_line(tiny_model_dir, tmp_path
     message = str(info.value)
     assert "\n" not in message and "adapter_config.json" in message
     assert "missing" in message and "fp7" in message
+    weights = empty / "adapter_model.safetensors"
+    weights.write_bytes(b"")
+    with pytest.raises(ServeConfigError, match=r"a file \(adapter_model.safetensors\), not an adapter folder"):
+        start_background(str(tiny_model_dir), adapter=[f"x={weights}"])
     monkeypatch.delenv("UNSET_KEY_VAR", raising=False)
     with pytest.raises(SystemExit) as info:
         serve(str(tiny_model_dir), adapter=[f"x={empty}"], api_key_env="UNSET_KEY_VAR")

@@ -203,6 +203,7 @@ class ChatClient:
         self._headers = {"Content-Type": "application/json"}
         if api_key:
             self._headers["Authorization"] = f"Bearer {api_key}"
+        self._key_sent = bool(api_key)
         self._key_source = key_source
         self._sleep = sleep
         self._rng = random.Random(seed)
@@ -236,7 +237,13 @@ class ChatClient:
         self._local = threading.local()
 
     def _auth_error(self, status: int) -> AuthError:
-        where = f" (key from ${self._key_source})" if self._key_source else " (no API key was sent)"
+        if not self._key_sent and self._key_source:
+            # The cause is the unset variable, not a wrong key: lead with it.
+            return AuthError(f"endpoint {self.name}: ${self._key_source} is not set, so no API key was sent, "
+                             f"and {self.display_url} requires one (HTTP {status}); export it, or name the "
+                             "variable that holds the key (--api_key_env / --judge_api_key_env)")
+        where = " (no API key was sent)" if not self._key_sent else (
+            f" (key from ${self._key_source})" if self._key_source else "")
         return AuthError(f"endpoint {self.name}: HTTP {status} from {self.display_url}: authentication "
                          f"failed{where}; not retried")
 

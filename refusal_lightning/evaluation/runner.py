@@ -604,7 +604,8 @@ def evaluate(
                 message = unreachable_message(ep.name, client.display_url, message)
             aborted[ep.name] = message
             models.setdefault(ep.name, ep.model)
-            print(f"error: {message}", file=sys.stderr)
+            # Said now (the run goes on with the other endpoints); the one "error:" line comes at the end.
+            print(f"abandoned: {message}", file=sys.stderr)
         finally:
             client.close()
         ep_responses = {item.key(ep.name): responses[item.key(ep.name)] for item in items
@@ -617,7 +618,7 @@ def evaluate(
                                 desc=f"judge {ep.name}")
             except (AuthError, EndpointError) as err:
                 aborted[f"judge:{jname}"] = str(err)
-                print(f"error: {err}", file=sys.stderr)
+                print(f"abandoned: {err}", file=sys.stderr)
     llm_judge = judges.get("llm")
     if isinstance(llm_judge, LLMJudge):
         llm_judge.client.close()

@@ -4,7 +4,8 @@ A log line is written with one ``write`` call, flushed and fsynced before the ne
 (SIGKILL, power loss) leaves at worst one torn last line. Reading tolerates that line, and opening
 for append cuts it off first, so the next record starts on a fresh line instead of being glued to
 garbage. Summaries are written to a temporary file in the same folder and moved into place with
-``os.replace``: a reader sees the old file or the new one, never half of one.
+``os.replace``: a reader sees the old file or the new one, never half of one; the file is fsynced
+before the rename and its folder after it, so the new name survives a power cut too.
 """
 
 from __future__ import annotations
@@ -119,6 +120,22 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    fsync_dir(path.parent)
+
+
+def fsync_dir(folder: str | Path) -> None:
+    """Make a rename in ``folder`` durable: the new name lives in the folder's entry table, which a
+    power cut can lose unless the folder itself is fsynced (POSIX; a no-op where folders cannot be opened)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # Windows cannot open a folder this way
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # a file system that cannot sync folders (EINVAL): the file itself already is on disk
+        pass
+    finally:
+        os.close(fd)
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
