@@ -148,6 +148,12 @@ def _output_dir(config: Path, overrides: list[str]) -> Path:
     return Path(yaml.safe_load(config.read_text())["model"]["output_dir"])
 
 
+def _data_print(config: Path) -> str:
+    """Fingerprint of a fit config's data file (a changed dataset redoes the fit); hub ids print as-is."""
+    source = str((yaml.safe_load(config.read_text()).get("data") or {}).get("source", "sample"))
+    return _file_sha(Path(source)) if Path(source).is_file() else source
+
+
 def _checkpoint_dirs(config: Path, output_dir: Path) -> list[Path]:
     callbacks = (yaml.safe_load(config.read_text()).get("trainer") or {}).get("callbacks") or []
     dirs = [Path(c["init_args"]["dirpath"]) for c in callbacks
@@ -230,6 +236,12 @@ def results_table(results: dict) -> str:
                 test = mcnemar[s].get(f"{a}_vs_{b}") or {}
                 cells.append("-" if test.get("p_value") is None else f"{test['p_value']:.3g}")
             lines.append(f"| {a} vs {b} | " + " | ".join(cells) + " |")
+    check = results.get("judge_check")
+    if check and check.get("blue_refusal_recall") is not None:
+        lines += ["", f"Keyword judge check on the held-out questions' own replies: it calls "
+                  f"{_pct(check['blue_refusal_recall'])} of {check['n_blue']} refusal (blue) replies a refusal "
+                  f"and {_pct(check['red_false_refusal'])} of {check['n_red']} compliant (red) replies; "
+                  "refusal rates above are lower bounds by about that recall."]
     return "\n".join(lines)
 
 
@@ -337,8 +349,9 @@ def _run_pipeline(run: Path, base_model: str, build_tiny_model: bool, prepare_mo
     refusal_over = [f"--model.model_name_or_path={base_model}", *overrides]
     refusal = FitStage("refusal", refusal_cfg, _output_dir(refusal_cfg, refusal_over), refusal_over)
     adapter_file = "adapter_model.safetensors"
-    stage("refusal", [refusal_cfg.read_text(), refusal_over, base_print], [refusal.output_dir / adapter_file],
-          lambda resume: _run_fit(refusal, resume), clear=_checkpoint_dirs(refusal_cfg, refusal.output_dir))
+    stage("refusal", [refusal_cfg.read_text(), refusal_over, base_print, _data_print(refusal_cfg)],
+          [refusal.output_dir / adapter_file], lambda resume: _run_fit(refusal, resume),
+          clear=_checkpoint_dirs(refusal_cfg, refusal.output_dir))
 
     # 2. directions
     directions_path = run / "refusal_param_directions.pt"
@@ -358,7 +371,7 @@ def _run_pipeline(run: Path, base_model: str, build_tiny_model: bool, prepare_mo
         over = [f"--model.model_name_or_path={base_model}", f"--model.merge_adapters=[{refusal.output_dir}]",
                 f"--model.projection.directions_path={directions_path}", *overrides]
         fits[name] = FitStage(name, cfg, _output_dir(cfg, over), over)
-        stage(name, [cfg.read_text(), over, prints["directions"], _file_sha(directions_path)],
+        stage(name, [cfg.read_text(), over, prints["directions"], _file_sha(directions_path), _data_print(cfg)],
               [fits[name].output_dir / adapter_file],
               lambda resume, s=fits[name]: _run_fit(s, resume), clear=_checkpoint_dirs(cfg, fits[name].output_dir))
 
@@ -405,6 +418,14 @@ def _run_pipeline(run: Path, base_model: str, build_tiny_model: bool, prepare_mo
                        serve, endpoints], [eval_dir / "summary.json"], run_evaluation, clear=[eval_dir])
 
     results = _results(eval_dir, fits, json.loads(nll_path.read_text()))
+    if eval_args.get("judge", "keyword") in ("keyword", "both"):
+        from refusal_lightning.evaluation.judges import load_markers
+        from refusal_lightning.judge_check import keyword_judge_check
+
+        markers_file = eval_args.get("refusal_markers")
+        results["judge_check"] = keyword_judge_check(
+            eval_args["harmfulqa_source"], eval_args["harmfulqa_val_fraction"], eval_args["harmfulqa_seed"],
+            load_markers(markers_file) if markers_file else None)
     table = results_table(results)
     (run / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     from refusal_lightning.results_plot import plot_refusal_vs_red_nll

@@ -66,6 +66,9 @@ def test_pipeline_writes_every_artifact(demo_run):
     text = (run / "results.md").read_text()
     assert "| orthogonal |" in text and "drift/cos (chance)" in text and "McNemar p" in text
     assert (run / "refusal_vs_red_nll.png").stat().st_size > 1000
+    check = results["judge_check"]  # the keyword judge's recall on held-out refusals, beside the rates
+    assert check["n_blue"] > 0 and 0 < check["blue_refusal_recall"] <= 1 and check["red_false_refusal"] == 0
+    assert "Keyword judge check" in text
     tb = {p.parent.parent.name for p in (run / "tensorboard").rglob("events.out.tfevents.*")}
     assert tb == {"refusal_lora", "attack_vanilla", "attack_orthogonal"}
 
