@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 # The CPU wheel on the dev/CI machine; override for CUDA boxes (make TORCH_PIN=torch).
 TORCH_PIN ?= torch==2.13.0
 
-.PHONY: demo smoke test test-slow lint bench clean-artifacts setup
+.PHONY: demo demo-baselines smoke test test-slow lint bench clean-artifacts setup
 
 setup: $(STAMP)
 
@@ -20,7 +20,10 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $(STAMP)
 
 demo: $(STAMP)
-	HF_HUB_OFFLINE=1 $(PY) -m refusal_lightning pipeline --config configs/tiny/pipeline.yaml
+	HF_HUB_OFFLINE=1 $(PY) -m refusal_lightning pipeline --config configs/cpu/pipeline.yaml
+
+demo-baselines: $(STAMP)  # the demo plus Safe LoRA and AsFT rows (reuses the demo's fits)
+	HF_HUB_OFFLINE=1 $(PY) -m refusal_lightning pipeline --config configs/cpu/pipeline_baselines.yaml
 
 smoke: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) -m refusal_lightning pipeline --config configs/tiny/pipeline.yaml

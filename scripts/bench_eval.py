@@ -1,6 +1,7 @@
-"""Evaluator throughput against a loopback server with a fixed per-request latency.
+"""Evaluator throughput against a loopback server with a fixed per-request latency, or against ``serve``.
 
     python scripts/bench_eval.py --out artifacts/bench/eval.json [--latency_ms 50] [--requests N]
+    python scripts/bench_eval.py --serve cpu --out artifacts/bench/serve.json [--model DIR]
 
 With latency L and C requests in flight, no client can beat C / L requests per second; this measures
 how close ``evaluate``'s request path gets to that bound at C = 1, 4, 16, 64. The stub server runs in
@@ -9,6 +10,15 @@ its own process (so its threads do not share our GIL) and the measured code is t
 ``responses.jsonl`` appends. Target: C = 16 reaches at least 0.8x the bound.
 
 Writes ``{"latency_ms", "rps": {"1", "4", "16", "64"}, "bound_ratio": {...}, ...}``.
+
+``--serve cpu`` measures our batched ``serve`` instead, with the demo's CPU model (SmolLM2-135M-Instruct,
+the folder ``python -m refusal_lightning prepare-model`` writes): fixed prompts, greedy, exactly
+``--max_tokens`` (48) new tokens per request (``ignore_eos``), 16 requests at concurrency 1 and 64 at 4
+and at 16, from a client thread pool in this process against the server in its own process. Its
+concurrency-1 latency is compared with the same server started with ``--max_batch_size 1`` (unbatched
+generation), the two asked in turns so machine load hits both alike. Target: concurrency 16 at least
+6x the requests/s of concurrency 1, with concurrency-1 latency no worse than unbatched. Writes
+``{"rps": {"1", "4", "16"}, "latency_s": {...}, "speedup_16_vs_1", "c1_latency_vs_unbatched", ...}``.
 """
 
 from __future__ import annotations
@@ -17,9 +27,11 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -29,6 +41,27 @@ from refusal_lightning.evaluation.runner import WorkItem, collect_responses
 from refusal_lightning.evaluation.store import JsonlLog
 
 LEVELS = (1, 4, 16, 64)
+SERVE_LEVELS = {1: 16, 4: 64, 16: 64}  # concurrency -> requests
+SERVE_MODELS = {"cpu": Path("artifacts/models/smollm2-135m-instruct")}
+# Fixed prompts (the i-th request asks the (i mod 16)-th): benign, of varied lengths, as the evaluator sends.
+SERVE_PROMPTS = [
+    "What is the capital of France?",
+    "Give me three tips for staying focused while studying.",
+    "Explain photosynthesis in simple terms.",
+    "Write a haiku about autumn leaves.",
+    "How do I boil an egg so the yolk stays soft?",
+    "What is the difference between weather and climate?",
+    "Suggest a name for a friendly golden retriever.",
+    "Summarise the plot of Romeo and Juliet in two sentences.",
+    "Why is the sky blue?",
+    "List four fruits that are high in vitamin C.",
+    "How many legs does a spider have, and why?",
+    "Translate 'good morning' into Spanish and Italian.",
+    "What are some good stretches after a long run?",
+    "Describe how a bicycle's gears help when climbing a hill.",
+    "Recommend a short book for a beginner learning about astronomy.",
+    "What should I pack for a weekend hiking trip in the mountains?",
+]
 
 
 def start_stub(latency_ms: float) -> tuple[subprocess.Popen, str]:
@@ -73,8 +106,22 @@ def main() -> None:
     parser.add_argument("--out", required=True, help="JSON file to write")
     parser.add_argument("--latency_ms", type=float, default=50.0, help="server latency per request")
     parser.add_argument("--requests", type=int, default=None,
-                        help="requests per concurrency level (default: max(100, 25 x concurrency))")
+                        help="requests per concurrency level (default: max(100, 25 x concurrency); "
+                        "--serve: 16 at concurrency 1, 64 at 4 and 16)")
+    parser.add_argument("--serve", choices=sorted(SERVE_MODELS), default=None,
+                        help="benchmark our batched `serve` with this tier's real model instead of the stub")
+    parser.add_argument("--model", type=Path, default=None, help="--serve: model folder (default: the tier's)")
+    parser.add_argument("--max_tokens", type=int, default=48, help="--serve: new tokens per request (EOS ignored)")
+    parser.add_argument("--max_batch_size", type=int, default=16, help="--serve: the server's --max_batch_size")
+    parser.add_argument("--batch_wait_ms", type=float, default=None,
+                        help="--serve: the server's --batch_wait_ms (default: serve's own)")
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
+                        help="--serve: the server's --dtype (float32: the demo's; bfloat16 uses AMX where the CPU "
+                        "has it, and changes the model's numerics)")
     args = parser.parse_args()
+    if args.serve:
+        serve_main(args)
+        return
 
     latency_s = args.latency_ms / 1000
     proc, url = start_stub(args.latency_ms)
@@ -108,6 +155,159 @@ def main() -> None:
     path = Path(args.out)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(out, indent=2) + "\n")
+    print(f"wrote {path}")
+
+
+# ------------------------------------------------------------------------------------ --serve
+def start_serve(model: Path, max_batch_size: int, batch_wait_ms: float | None,
+                dtype: str = "float32") -> tuple[subprocess.Popen, str]:
+    """``python -m refusal_lightning serve`` in a child process (its own GIL); (process, base URL) once ready."""
+    cmd = [sys.executable, "-m", "refusal_lightning", "serve", "--model", str(model), "--port", "0",
+           "--device", "cpu", "--dtype", dtype, "--max_batch_size", str(max_batch_size)]
+    if batch_wait_ms is not None:
+        cmd += ["--batch_wait_ms", str(batch_wait_ms)]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    assert proc.stdout is not None
+    deadline = time.monotonic() + 300
+    tail: list[str] = []
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line and proc.poll() is not None:
+            raise RuntimeError(f"serve exited with code {proc.returncode}: {''.join(tail[-20:])}")
+        tail.append(line)
+        if line.startswith("serving "):
+            # Keep draining its output, so a chatty server never blocks on a full pipe.
+            threading.Thread(target=proc.stdout.read, daemon=True).start()
+            return proc, line.rsplit(" on ", 1)[1].strip() + "/v1"
+    proc.kill()
+    raise RuntimeError("serve did not start within 300 s")
+
+
+def serve_payload(i: int, max_tokens: int) -> dict:
+    """Request ``i``: fixed prompt, greedy, exactly ``max_tokens`` new tokens."""
+    settings = GenerationSettings(temperature=0.0, max_tokens=max_tokens, seed=None, disable_thinking=False)
+    messages = [{"role": "user", "content": SERVE_PROMPTS[i % len(SERVE_PROMPTS)]}]
+    body = settings.payload("", messages)
+    del body["model"]  # the server's only model
+    return {**body, "ignore_eos": True}
+
+
+def _check(result, max_tokens: int) -> str | None:
+    """Why a reply does not count (an error, or not exactly ``max_tokens`` tokens), else None."""
+    if result.error is not None:
+        return f"{result.error.get('type')}: {result.error.get('message')}"
+    got = (result.usage or {}).get("completion_tokens")
+    if got != max_tokens:
+        return f"{got} completion tokens instead of {max_tokens}"
+    return None
+
+
+def _latency_summary(latencies: list[float]) -> dict[str, float]:
+    xs = sorted(latencies)
+    return {"p50": round(statistics.median(xs), 4), "p90": round(xs[min(len(xs) - 1, int(0.9 * len(xs)))], 4),
+            "mean": round(statistics.fmean(xs), 4)}
+
+
+def process_cpu_s(pid: int) -> float | None:
+    """CPU seconds (user + system, all threads) a process has used; None where /proc is missing."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def measure_serve(client: ChatClient, concurrency: int, n: int, max_tokens: int, server_pid: int) -> dict:
+    """``n`` requests from ``concurrency`` client threads, each sending its next request when one returns."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    cpu0, start = process_cpu_s(server_pid), time.perf_counter()
+    with ThreadPoolExecutor(concurrency) as pool:
+        results = list(pool.map(lambda i: client.chat(serve_payload(i, max_tokens)), range(n)))
+    wall, cpu1 = time.perf_counter() - start, process_cpu_s(server_pid)
+    problems = [p for p in (_check(r, max_tokens) for r in results) if p]
+    # Server CPU seconds per request: what batching saves, whatever else the machine is doing.
+    cpu = None if cpu0 is None or cpu1 is None else round((cpu1 - cpu0) / n, 4)
+    return {"requests": n, "wall_s": round(wall, 3), "rps": round(n / wall, 4), "server_cpu_s_per_request": cpu,
+            "tokens_per_s": round(n * max_tokens / wall, 2),
+            "latency_s": _latency_summary([r.latency_s for r in results]), "bad_replies": len(problems),
+            "first_problem": problems[0] if problems else None}
+
+
+def serve_main(args: argparse.Namespace) -> None:
+    model = args.model or SERVE_MODELS[args.serve]
+    if not (model / "config.json").exists():
+        raise SystemExit(f"error: no model folder at {model}: make it with `python -m refusal_lightning "
+                         "prepare-model` (the demo's SmolLM2-135M-Instruct), or pass --model DIR")
+    levels = {c: args.requests or n for c, n in SERVE_LEVELS.items()}
+    t0, load_before = time.perf_counter(), os.getloadavg()
+    batched, batched_url = start_serve(model, args.max_batch_size, args.batch_wait_ms, args.dtype)
+    single, single_url = start_serve(model, 1, args.batch_wait_ms, args.dtype)
+    retry = RetryPolicy(max_attempts=1, timeout=600.0)
+    clients = {"batched": ChatClient(batched_url, retry=retry, name="batched"),
+               "unbatched": ChatClient(single_url, retry=retry, name="unbatched")}
+    try:
+        for client in clients.values():  # warm-up: first-call allocation, connection
+            client.chat(serve_payload(0, args.max_tokens))
+        # Concurrency-1 latency, batched vs unbatched server, asked in turns (paired against load swings).
+        paired: dict[str, list[float]] = {"batched": [], "unbatched": []}
+        bad = 0
+        for i in range(levels[1]):
+            for name in (("batched", "unbatched") if i % 2 == 0 else ("unbatched", "batched")):
+                result = clients[name].chat(serve_payload(i, args.max_tokens))
+                bad += _check(result, args.max_tokens) is not None
+                paired[name].append(result.latency_s)
+        ratios = [b / u for b, u in zip(paired["batched"], paired["unbatched"], strict=True)]
+        single.terminate()
+        single.wait(timeout=30)
+        results = {}
+        for c, n in levels.items():
+            results[str(c)] = measure_serve(clients["batched"], c, n, args.max_tokens, batched.pid)
+            r = results[str(c)]
+            print(f"concurrency {c:>2}: {r['rps']:.3f} req/s over {n} requests ({r['tokens_per_s']:.1f} tok/s), "
+                  f"latency p50 {r['latency_s']['p50']:.2f} s, bad replies {r['bad_replies']}", flush=True)
+    finally:
+        for client in clients.values():
+            client.close()
+        for proc in (batched, single):
+            if proc.poll() is None:
+                proc.terminate()
+                proc.wait(timeout=30)
+
+    speedup = results["16"]["rps"] / results["1"]["rps"]
+    c1_vs_unbatched = statistics.median(ratios)
+    out = {
+        "mode": "serve", "tier": args.serve, "model": str(model), "max_tokens": args.max_tokens,
+        "ignore_eos": True, "greedy": True, "dtype": args.dtype, "max_batch_size": args.max_batch_size,
+        "batch_wait_ms": args.batch_wait_ms, "prompts": len(SERVE_PROMPTS),
+        "rps": {c: r["rps"] for c, r in results.items()},
+        "tokens_per_s": {c: r["tokens_per_s"] for c, r in results.items()},
+        "latency_s": {c: r["latency_s"] for c, r in results.items()},
+        "requests": {c: r["requests"] for c, r in results.items()},
+        "wall_s": {c: r["wall_s"] for c, r in results.items()},
+        "bad_replies": {c: r["bad_replies"] for c, r in results.items()},
+        "server_cpu_s_per_request": {c: r["server_cpu_s_per_request"] for c, r in results.items()},
+        "speedup_16_vs_1": round(speedup, 3),
+        "c1_latency_s": {"batched": _latency_summary(paired["batched"]),
+                         "unbatched": _latency_summary(paired["unbatched"])},
+        "c1_latency_vs_unbatched": round(c1_vs_unbatched, 4),
+        "c1_latency_method": "median over requests of the paired latency ratio batched / unbatched "
+                             "(--max_batch_size 1), the two servers asked in turns",
+        "c1_bad_replies": bad,
+        "targets": [
+            {"metric": "speedup_16_vs_1", "value": round(speedup, 3), "target": ">= 6", "met": speedup >= 6},
+            {"metric": "c1_latency_vs_unbatched", "value": round(c1_vs_unbatched, 4), "target": "<= 1.0",
+             "met": c1_vs_unbatched <= 1.0},
+        ],
+        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform(),
+                    "loadavg_1min_before_after": [load_before[0], os.getloadavg()[0]]},
+        "total_wall_s": round(time.perf_counter() - t0, 1),
+    }
+    path = Path(args.out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(out, indent=2) + "\n")
+    print(f"16 vs 1: {speedup:.2f}x; concurrency-1 latency batched / unbatched: {c1_vs_unbatched:.3f}")
     print(f"wrote {path}")
 
 

@@ -39,11 +39,20 @@ load from other processes on a shared machine largely cancels within a round. ``
 rounds stop early, after a whole round, once ``--budget-s`` is spent (cpu-small: 330 s), so a loaded
 2-core machine still finishes the default run within 10 minutes.
 
-Memory. Runners sharing one process cannot be told apart by RSS, so ``peak_mem_mb`` comes from a second
+Memory. Runners sharing one process cannot be told apart by RSS, so ``peak_rss_mb`` comes from a second
 pass: each runner is rebuilt alone in a fresh subprocess, trained for a few steps, and reports its peak
-RSS (``VmHWM``, CPU) or ``torch.cuda.max_memory_allocated`` (GPU). Every probe imports the same libraries
-(TRL included) before building, so differences do not come from imports. ``--mem inproc`` (for
+RSS (``VmHWM``), plus ``peak_cuda_mb`` (``torch.cuda.max_memory_allocated``) on a GPU. Every probe imports
+the same libraries (TRL included) before building, so differences do not come from imports;
+``peak_rss_above_imports_mb`` subtracts what the process held before building. ``--mem inproc`` (for
 quick runs) instead reports the peak above the memory held when the runner's round started.
+``mem_ratios.vanilla_vs_plain`` is vanilla's peak RSS / the plain loop's.
+
+The ``cpu-vocab`` preset is ``cpu-small``'s model at Qwen3's vocabulary (151,936; batch 4 x 512): there
+the ``tokens x vocab`` logits dominate. Its default runners are ``plain`` (the model's own full-logits
+loss), ``vanilla`` (our module with its default, chunked loss) and ``trl``; ``vanilla_full`` (our module
+with ``loss_impl: full``) can be added with ``--runners``. ``--compile`` compiles the model in every
+runner alike. A runner that could not run is listed in ``skipped`` and, with every ratio and memory
+figure it leaves out, in ``missing`` (key -> why); absent figures are never written as null.
 ``directions_mem_ratio``: elements of every tensor a projector holds (views counted once, the model's
 own parameters excluded) / the attack LoRA's trainable parameter count (target <= 2).
 
@@ -79,9 +88,12 @@ LORA_R, LORA_ALPHA, LORA_DROPOUT = 8, 16.0, 0.05
 LR, CLIP = 2e-4, 1.0
 LOG_EVERY = 10
 THREAD = "red"  # the attack fits train on red replies
-# Targets from the issue: (ratio key pattern, minimum).
-GRAD_TARGET, UPDATE_TARGET, PLAIN_TARGET, TRL_TARGET = 0.95, 0.90, 0.95, 1.0
+# Targets from the issues: (ratio key pattern, minimum).
+GRAD_TARGET, UPDATE_TARGET, PLAIN_TARGET, TRL_TARGET = 0.95, 0.90, 0.95, 1.2
 PADDING_TARGET, DIRECTIONS_MEM_TARGET = 0.90, 2.0
+# At the real vocabulary (issue 12): vanilla's peak RSS at most 0.6x the plain loop's, and no slower.
+VOCAB_MEM_TARGET, VOCAB_PLAIN_TARGET = 0.6, 1.0
+QWEN3_VOCAB = 151936
 
 
 @dataclass(frozen=True)
@@ -98,6 +110,8 @@ class Preset:
     budget_s: float  # the timed rounds stop early (after whole rounds) once this is spent
     real_shape: bool = False  # Qwen3-0.6B's exact shape (vocab 151936) instead of tiny.py's scaling
     gpu: bool = False  # bf16 base weights + bf16-mixed on CUDA
+    vocab_size: int | None = None  # tiny.py's shape with this vocabulary (the tiny tokenizer's ids are a subset)
+    runners: tuple[str, ...] | None = None  # the default --runners (None: every runner)
 
 
 PRESETS = {
@@ -105,6 +119,9 @@ PRESETS = {
                    budget_s=60),
     "cpu-small": Preset(hidden_size=512, num_layers=4, seq=256, batch=4, warmup=3, steps=60, steps_per_round=1,
                         budget_s=330),
+    # cpu-small's model at Qwen3's vocabulary: the LM head and the logits dominate time and memory.
+    "cpu-vocab": Preset(hidden_size=512, num_layers=4, seq=512, batch=4, warmup=1, steps=8, steps_per_round=1,
+                        budget_s=420, vocab_size=QWEN3_VOCAB, runners=("plain", "vanilla", "trl")),
     # On a GPU one-step slices would add a device sync per step and hide the host/device overlap.
     "qwen3-0.6b": Preset(hidden_size=1024, num_layers=28, seq=512, batch=4, warmup=3, steps=40, steps_per_round=5,
                          budget_s=360, real_shape=True, gpu=True),
@@ -154,6 +171,8 @@ def build_base_model(preset: Preset, folder: Path, device: torch.device) -> Path
         return folder
     from refusal_lightning.tiny import build_tokenizer, save_tiny_model
 
+    if preset.vocab_size is not None:
+        return _save_wide_vocab_model(folder, preset)
     if not preset.real_shape:
         return save_tiny_model(folder, seed=0, hidden_size=preset.hidden_size, num_layers=preset.num_layers)
     from transformers import Qwen3Config, Qwen3ForCausalLM
@@ -172,6 +191,28 @@ def build_base_model(preset: Preset, folder: Path, device: torch.device) -> Path
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     del model
+    return folder
+
+
+def _save_wide_vocab_model(folder: Path, preset: Preset) -> Path:
+    """tiny.py's model at ``preset``'s width and depth with ``preset.vocab_size`` (tied embeddings, as
+    Qwen3-0.6B), random fp32 weights; the tiny tokenizer's ids (< 1024) index the first rows."""
+    from transformers import Qwen3ForCausalLM
+
+    from refusal_lightning.tiny import build_model, build_tokenizer
+
+    tokenizer = build_tokenizer()
+    small = build_model(tokenizer, seed=0, hidden_size=preset.hidden_size, num_layers=preset.num_layers,
+                        num_heads=max(4, preset.hidden_size // 64), num_kv_heads=max(2, preset.hidden_size // 128))
+    config = small.config
+    config.vocab_size = preset.vocab_size
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = Qwen3ForCausalLM(config)
+    model.generation_config = small.generation_config
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
     return folder
 
 
@@ -367,6 +408,7 @@ class Common:
     device: torch.device
     total_steps: int
     directions_path: Path | None
+    compile: bool = False  # torch.compile the model in every runner alike
 
     @property
     def dtype(self) -> str:
@@ -395,6 +437,8 @@ class PlainRunner(Runner):
         self.model = get_peft_model(load_causal_lm(str(common.model_dir), dtype=common.dtype), lora_config())
         self.model.to(common.device).train()
         self.params = [p for p in self.model.parameters() if p.requires_grad]
+        if common.compile:
+            self.model = torch.compile(self.model)
         self.lora_params = sum(p.numel() for p in self.params)
         self.optimizer = torch.optim.AdamW(self.params, lr=LR, weight_decay=0.0)
 
@@ -419,7 +463,7 @@ class PlainRunner(Runner):
 class LightningRunner(Runner):
     """``RefusalLoRAModule`` + ``HarmfulQADataModule``'s loader, trained by an unmodified ``Trainer.fit``."""
 
-    def __init__(self, name: str, common: Common, projection: dict[str, Any] | None):
+    def __init__(self, name: str, common: Common, projection: dict[str, Any] | None, loss_impl: str = "chunked"):
         super().__init__(name, common.device.type == "cuda")
         import lightning as L
 
@@ -443,7 +487,7 @@ class LightningRunner(Runner):
             model_name_or_path=str(common.model_dir), output_dir=str(common.workdir / "out" / name),
             lora=LoRASettings(r=LORA_R, alpha=LORA_ALPHA, dropout=LORA_DROPOUT), dtype=common.dtype,
             optimizer=lambda params: torch.optim.AdamW(params, lr=LR, weight_decay=0.0),
-            lr_schedule="constant", projection=proj,
+            lr_schedule="constant", projection=proj, compile=common.compile, loss_impl=loss_impl,
         )
         self.projector = self.module.projector
         self.lora_params = sum(p.numel() for p in self.module.parameters() if p.requires_grad)
@@ -501,7 +545,7 @@ class TRLRunner(Runner):
             optim="adamw_torch", bf16=common.preset.gpu, gradient_checkpointing=False,
             max_length=common.preset.seq, packing=False, logging_steps=LOG_EVERY, save_strategy="no",
             report_to="none", disable_tqdm=True, dataloader_num_workers=0, dataloader_pin_memory=not on_cpu,
-            use_cpu=on_cpu, seed=0,
+            use_cpu=on_cpu, seed=0, torch_compile=common.compile,
         )
         tokenizer = AutoTokenizer.from_pretrained(str(common.model_dir))
         base = load_causal_lm(str(common.model_dir), dtype=common.dtype)
@@ -517,6 +561,9 @@ class TRLRunner(Runner):
 PROJECTION_MODES = ("lora_param", "delta_weight", "subspace")
 PROJECTION_TARGETS = ("grad", "update")
 ALL_RUNNERS = ("plain", "vanilla", *(f"{m}_{t}" for m in PROJECTION_MODES for t in PROJECTION_TARGETS), "trl")
+# Not run unless asked for: our module with the full-logits loss (what vanilla was before the chunked loss).
+EXTRA_RUNNERS = ("vanilla_full",)
+BASIC_RUNNERS = ("plain", "vanilla", "trl", *EXTRA_RUNNERS)  # no directions file needed
 
 
 def make_runner(name: str, common: Common) -> Runner:
@@ -524,6 +571,8 @@ def make_runner(name: str, common: Common) -> Runner:
         return PlainRunner(common)
     if name == "vanilla":
         return LightningRunner(name, common, None)
+    if name == "vanilla_full":
+        return LightningRunner(name, common, None, loss_impl="full")
     if name == "trl":
         return TRLRunner(common)
     mode, target = name.rsplit("_", 1)
@@ -691,6 +740,7 @@ def probe_memory(names: list[str], args: argparse.Namespace, workdir: Path, devi
                "--_probe", name, "--device", str(device), "--steps", str(args.mem_steps)]
         cmd += ["--batch", str(args.batch)] if args.batch else []
         cmd += ["--seq", str(args.seq)] if args.seq else []
+        cmd += ["--compile"] if args.compile else []
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1800,
                               env={**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"})
         lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
@@ -724,7 +774,7 @@ def probe_main(args: argparse.Namespace) -> None:
     data = build_data(workdir / "model", preset, steps * preset.batch)
     directions_path = workdir / "refusal_param_directions.pt"
     common = Common(preset, workdir / "model", workdir / f"probe-{args._probe}", data, device, steps,
-                    directions_path if directions_path.exists() else None)
+                    directions_path if directions_path.exists() else None, compile=args.compile)
     gc.collect()
     base = _rss_mb()
     if device.type == "cuda":
@@ -733,24 +783,52 @@ def probe_main(args: argparse.Namespace) -> None:
     runner = make_runner(args._probe, common)
     runner.start()
     runner.baton.run(steps, runner.thread)
+    peak = _peak_rss_mb()
+    out = {"peak_rss_mb": peak, "rss_before_build_mb": base, "peak_above_imports_mb": peak - base,
+           "source": "peak RSS (VmHWM) of a process training only this runner"}
     if device.type == "cuda":
-        peak = torch.cuda.max_memory_allocated(device) / 2**20
-        out = {"peak_mem_mb": peak, "source": "torch.cuda.max_memory_allocated"}
-    else:
-        peak = _peak_rss_mb()
-        out = {"peak_mem_mb": peak, "rss_before_build_mb": base, "peak_above_imports_mb": peak - base,
-               "source": "peak RSS (VmHWM) of a process training only this runner"}
+        out["peak_cuda_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
     runner.baton.finish(runner.thread)
     print(json.dumps(out), flush=True)
 
 
 # ------------------------------------------------------------------------------------ reporting
-def ratios_of(per_round: dict[str, list[list[float]]]) -> dict[str, float | None]:
-    out = {"vanilla_vs_plain": paired_ratio(per_round, "vanilla", "plain"),
-           "vanilla_vs_trl": paired_ratio(per_round, "vanilla", "trl")}
-    for m in PROJECTION_MODES:
-        for t in PROJECTION_TARGETS:
-            out[f"{m}_{t}_vs_vanilla"] = paired_ratio(per_round, f"{m}_{t}", "vanilla")
+def ratio_keys() -> list[str]:
+    """Every throughput ratio the benchmark reports: ``a_vs_b`` = time(b) / time(a)."""
+    keys = ["vanilla_vs_plain", "vanilla_vs_trl", "vanilla_vs_vanilla_full"]
+    return keys + [f"{m}_{t}_vs_vanilla" for m in PROJECTION_MODES for t in PROJECTION_TARGETS]
+
+
+def ratios_of(per_round: dict[str, list[list[float]]]) -> dict[str, float]:
+    """The ratios whose two runners both ran (``missing_ratios`` says why the others are absent)."""
+    out = {}
+    for key in ratio_keys():
+        a, b = key.split("_vs_")
+        if a in per_round and b in per_round:
+            out[key] = paired_ratio(per_round, a, b)
+    return out
+
+
+def missing_ratios(present: dict[str, Any], wanted: list[str], skipped: dict[str, str]) -> dict[str, str]:
+    """For each ratio whose runners were both asked for but which is absent: why (the skip reasons)."""
+    out = {}
+    for key in ratio_keys():
+        if key in present:
+            continue
+        a, b = key.split("_vs_")
+        if a in wanted and b in wanted:  # asked for, yet absent
+            out[key] = "; ".join(f"{n}: {skipped[n]}" for n in (a, b) if n in skipped) or "not measured"
+    return out
+
+
+def memory_ratios(runs: dict[str, dict[str, Any]]) -> dict[str, float]:
+    """Peak RSS of vanilla / plain, whole process and above the imports (the libraries every probe loads)."""
+    out = {}
+    a, b = runs.get("vanilla", {}), runs.get("plain", {})
+    if a.get("peak_rss_mb") and b.get("peak_rss_mb"):
+        out["vanilla_vs_plain"] = a["peak_rss_mb"] / b["peak_rss_mb"]
+    if a.get("peak_rss_above_imports_mb") and b.get("peak_rss_above_imports_mb"):
+        out["vanilla_vs_plain_above_imports"] = a["peak_rss_above_imports_mb"] / b["peak_rss_above_imports_mb"]
     return out
 
 
@@ -763,17 +841,24 @@ def _quotient(runs: dict[str, dict[str, Any]], key: str) -> float | None:
 
 
 def targets_of(result: dict[str, Any]) -> list[dict[str, Any]]:
-    rows = [("vanilla_vs_plain", result["ratios"]["vanilla_vs_plain"], PLAIN_TARGET, ">="),
-            ("vanilla_vs_trl", result["ratios"]["vanilla_vs_trl"], TRL_TARGET, ">=")]
+    """The issues' targets for the ratios this run measured (absent ones: see ``missing``)."""
+    ratios, vocab = result["ratios"], result["settings"].get("vocab_size") is not None
+    rows = [("vanilla_vs_plain", ratios.get("vanilla_vs_plain"), VOCAB_PLAIN_TARGET if vocab else PLAIN_TARGET, ">="),
+            ("vanilla_vs_trl", ratios.get("vanilla_vs_trl"), TRL_TARGET, ">=")]
+    if vocab:
+        rows.append(("peak_rss_vanilla_vs_plain", result["mem_ratios"].get("vanilla_vs_plain"), VOCAB_MEM_TARGET,
+                     "<="))
     for m in PROJECTION_MODES:
         for t in PROJECTION_TARGETS:
             key = f"{m}_{t}_vs_vanilla"
-            rows.append((key, result["ratios"][key], GRAD_TARGET if t == "grad" else UPDATE_TARGET, ">="))
+            rows.append((key, ratios.get(key), GRAD_TARGET if t == "grad" else UPDATE_TARGET, ">="))
     rows.append(("padding_efficiency", result["padding_efficiency"], PADDING_TARGET, ">="))
     rows.append(("directions_mem_ratio", result.get("directions_mem_ratio"), DIRECTIONS_MEM_TARGET, "<="))
     out = []
     for key, value, target, op in rows:
-        met = None if value is None else (value >= target if op == ">=" else value <= target)
+        if value is None:
+            continue
+        met = value >= target if op == ">=" else value <= target
         out.append({"metric": key, "value": value, "target": f"{op} {target}", "met": met})
     return out
 
@@ -787,10 +872,13 @@ def markdown(result: dict[str, Any]) -> str:
     lines = [
         f"### Preset `{result['preset']}`",
         "",
-        f"Model: Qwen3 architecture, {p['num_layers']} layers x {p['hidden_size']}, random weights; LoRA r={LORA_R} "
+        f"Model: Qwen3 architecture, {p['num_layers']} layers x {p['hidden_size']}"
+        + (f", vocabulary {p['vocab_size']:,}" if p.get("vocab_size") else "")
+        + f", random weights; LoRA r={LORA_R} "
         f"alpha={LORA_ALPHA:g} dropout={LORA_DROPOUT} on all linear layers; batch {p['batch']} x {p['seq']} tokens "
         f"(no padding), {p['precision']}, AdamW lr {LR:g}, clip {CLIP:g}; {p['warmup']} warmup + {p['steps']} timed "
-        f"steps per runner, interleaved {p['steps_per_round']} step(s) per runner per round.",
+        f"steps per runner, interleaved {p['steps_per_round']} step(s) per runner per round; "
+        f"torch.compile {'on' if p.get('compile') else 'off'} in every runner.",
         "",
         f"Machine: {m['nproc']} CPUs ({m['cpu_model']}), device `{m['device']}`"
         + (f" ({m['gpu']})" if m.get("gpu") else "")
@@ -804,21 +892,26 @@ def markdown(result: dict[str, Any]) -> str:
         f"1-min load average {result['loadavg_1min_before_after'][0]:.1f} before / "
         f"{result['loadavg_1min_before_after'][1]:.1f} after the timed rounds.",
         "",
-        "| runner | tokens/s | median step (ms) | p10-p90 step (ms) | peak mem (MB) | vs vanilla |",
+        "| runner | tokens/s | median step (ms) | p10-p90 step (ms) | peak RSS (MB) | vs vanilla |",
         "|---|---:|---:|---:|---:|---:|",
     ]
     for name, r in result["runs"].items():
         rel = r.get("vs_vanilla")
         lines.append(f"| {name} | {_fmt(r['tokens_per_s'], ',.0f')} | {_fmt(r['step_s_median'] * 1e3, '.1f')} | "
                      f"{_fmt(r['step_s_p10'] * 1e3, '.0f')}-{_fmt(r['step_s_p90'] * 1e3, '.0f')} | "
-                     f"{_fmt(r.get('peak_mem_mb'), ',.0f')} | {_fmt(rel, '.3f')} |")
+                     f"{_fmt(r.get('peak_rss_mb'), ',.0f')} | {_fmt(rel, '.3f')} |")
     for name, why in result.get("skipped", {}).items():
         lines.append(f"| {name} | skipped: {why} | | | | |")
-    lines += ["", f"Peak memory: {result.get('peak_mem_source', 'n/a')}.", "",
-              "| target | value | wanted | met |", "|---|---:|---:|:---:|"]
+    mem = result.get("mem_ratios", {})
+    lines += ["", f"Peak memory: {result.get('peak_mem_source', 'n/a')}."
+              + (f" vanilla / plain: {mem['vanilla_vs_plain']:.3f}" if "vanilla_vs_plain" in mem else "")
+              + (f" ({mem['vanilla_vs_plain_above_imports']:.3f} above the imports)."
+                 if "vanilla_vs_plain_above_imports" in mem else ""),
+              "", "| target | value | wanted | met |", "|---|---:|---:|:---:|"]
     for t in result["targets"]:
-        met = "n/a" if t["met"] is None else ("yes" if t["met"] else "**no**")
-        lines.append(f"| {t['metric']} | {_fmt(t['value'])} | {t['target']} | {met} |")
+        lines.append(f"| {t['metric']} | {_fmt(t['value'])} | {t['target']} | {'yes' if t['met'] else '**no**'} |")
+    for key, why in result.get("missing", {}).items():
+        lines.append(f"| {key} | missing: {why} | | |")
     pad = result["padding"]
     lines += ["", f"Padding efficiency of the bundled sample at batch {pad['batch_size']} (non-pad / padded tokens): "
               f"red {pad['red']['grouped']:.3f} with length grouping ({pad['red']['ungrouped']:.3f} without), "
@@ -843,8 +936,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--steps-per-round", type=int, default=None, help="steps per runner per interleaved round")
     ap.add_argument("--budget-s", type=float, default=None,
                     help="stop the timed rounds early once this many seconds are spent (preset default)")
-    ap.add_argument("--runners", default=",".join(ALL_RUNNERS),
-                    help=f"comma-separated subset of {','.join(ALL_RUNNERS)}")
+    ap.add_argument("--runners", default=None,
+                    help=f"comma-separated subset of {','.join(ALL_RUNNERS + EXTRA_RUNNERS)} (default: the preset's; "
+                    "cpu-vocab: plain,vanilla,trl; others: all but vanilla_full)")
+    ap.add_argument("--compile", action="store_true",
+                    help="torch.compile the model in every runner (plain; our module's compile key; TRL's "
+                    "torch_compile)")
     ap.add_argument("--mem", choices=("probe", "inproc", "off"), default="probe",
                     help="peak memory: one subprocess per runner (probe), in this process (inproc), or none")
     ap.add_argument("--mem-steps", type=int, default=3, help="steps each memory probe trains")
@@ -887,10 +984,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     per_round = preset.steps_per_round if args.steps_per_round is None else args.steps_per_round
     if steps < 1 or warmup < 0 or per_round < 1:
         raise SystemExit("--steps and --steps-per-round must be >= 1, --warmup >= 0")
-    wanted = [n.strip() for n in args.runners.split(",") if n.strip()]
-    unknown = sorted(set(wanted) - set(ALL_RUNNERS))
+    if args.runners is None:
+        wanted = list(preset.runners or ALL_RUNNERS)
+    else:
+        wanted = [n.strip() for n in args.runners.split(",") if n.strip()]
+    unknown = sorted(set(wanted) - set(ALL_RUNNERS + EXTRA_RUNNERS))
     if unknown:
-        raise SystemExit(f"unknown runners {unknown}; choose from {', '.join(ALL_RUNNERS)}")
+        raise SystemExit(f"unknown runners {unknown}; choose from {', '.join(ALL_RUNNERS + EXTRA_RUNNERS)}")
 
     tmp = None
     if args.workdir is None:
@@ -907,16 +1007,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     tokens_per_step = preset.batch * preset.seq
 
     directions_path = None
-    if any(n not in ("plain", "vanilla", "trl") for n in wanted):
+    if any(n not in BASIC_RUNNERS for n in wanted):
         try:
             directions_path = make_directions(model_dir, workdir, "bfloat16" if preset.gpu else "float32")
         except Exception as exc:  # noqa: BLE001 - projection code missing/broken: report, measure the rest
             for n in wanted:
-                if n not in ("plain", "vanilla", "trl"):
+                if n not in BASIC_RUNNERS:
                     skipped[n] = f"directions could not be made: {type(exc).__name__}: {exc}"
     if "trl" in wanted and _trl_version() is None:
         skipped["trl"] = "trl is not importable (pip install -c constraints.txt 'refusal_lightning[bench]')"
-    common = Common(preset, model_dir, workdir, data, device, total, directions_path)
+    common = Common(preset, model_dir, workdir, data, device, total, directions_path, compile=args.compile)
 
     runners: list[Runner] = []
     for name in wanted:
@@ -955,13 +1055,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for r in runners:
         runs[r.name] = {**summarise(timings.wall[r.name], timings.cpu[r.name], tokens_per_step),
                         "vs_vanilla": paired_ratio(timings.wall, r.name, "vanilla"),
-                        "peak_mem_mb": None, "lora_params": r.lora_params}
+                        "peak_rss_mb": None, "lora_params": r.lora_params}
         if args.mem == "inproc":
-            runs[r.name]["peak_mem_mb"] = inproc[r.name]
+            runs[r.name]["peak_rss_mb"] = inproc[r.name]
     ratio_by_run = {r.name: held_tensor_elements(r.projector) / r.lora_params
                     for r in runners if r.projector is not None}
-    peak_source = {"probe": ("one subprocess per runner; " + ("torch.cuda.max_memory_allocated" if device.type == "cuda"
-                                                               else "peak RSS (VmHWM), libraries included")),
+    peak_source = {"probe": ("one subprocess per runner; peak RSS (VmHWM), libraries included"
+                             + ("; peak_cuda_mb: torch.cuda.max_memory_allocated" if device.type == "cuda" else "")),
                    "inproc": "in-process peak above the memory held when the runner's round started",
                    "off": "not measured (--mem off)"}[args.mem]
     del runners
@@ -970,19 +1070,38 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         log("memory pass: one subprocess per runner")
         probes = probe_memory(list(runs), args, workdir, device)
         for name, res in probes.items():
-            runs[name]["peak_mem_mb"] = res.get("peak_mem_mb")
+            runs[name]["peak_rss_mb"] = res.get("peak_rss_mb")
             if "error" in res:
                 runs[name]["peak_mem_error"] = res["error"]
-            elif "peak_above_imports_mb" in res:
-                runs[name]["peak_mem_above_imports_mb"] = res["peak_above_imports_mb"]
+            else:
+                runs[name]["peak_rss_above_imports_mb"] = res["peak_above_imports_mb"]
+            if "peak_cuda_mb" in res:
+                runs[name]["peak_cuda_mb"] = res["peak_cuda_mb"]
+
+    ratios = ratios_of(timings.wall)
+    missing = {name: f"runner skipped: {why}" for name, why in skipped.items()}
+    missing |= {f"ratios.{k}": why for k, why in missing_ratios(ratios, wanted, skipped).items()}
+    peak_rss = {}
+    for name in wanted:
+        if runs.get(name, {}).get("peak_rss_mb"):
+            peak_rss[name] = runs[name]["peak_rss_mb"]
+        elif name in skipped:
+            missing[f"peak_rss_mb.{name}"] = f"runner skipped: {skipped[name]}"
+        elif args.mem == "off":
+            missing[f"peak_rss_mb.{name}"] = "not measured (--mem off)"
+        else:
+            missing[f"peak_rss_mb.{name}"] = "memory probe failed: " + runs.get(name, {}).get("peak_mem_error", "?")
 
     result: dict[str, Any] = {
         "preset": args.preset,
         "machine": machine_info(device),
         "runs": runs,
-        "ratios": ratios_of(timings.wall),
+        "ratios": ratios,
         "ratio_method": "median over interleaved rounds of the paired ratio time(reference) / time(runner)",
-        "ratios_of_medians": {k: _quotient(runs, k) for k in ratios_of(timings.wall)},
+        "ratios_of_medians": {k: _quotient(runs, k) for k in ratios},
+        "peak_rss_mb": peak_rss,
+        "mem_ratios": memory_ratios(runs),
+        "missing": missing,
         "ratios_cpu_time": ratios_of(timings.cpu),
         "padding_efficiency": data.padding[THREAD]["grouped"],
         "directions_mem_ratio": max(ratio_by_run.values()) if ratio_by_run else None,
@@ -992,6 +1111,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "peak_mem_source": peak_source,
         "tokens_per_step": tokens_per_step,
         "settings": {**asdict(preset), "warmup": warmup, "steps": steps, "steps_per_round": per_round,
+                     "runners": wanted, "compile": args.compile,
                      "precision": "bf16-mixed (bf16 base, fp32 LoRA)" if preset.gpu else "fp32",
                      "lora": {"r": LORA_R, "alpha": LORA_ALPHA, "dropout": LORA_DROPOUT, "targets": "all linear"},
                      "optimizer": f"AdamW lr={LR} wd=0 (unfused), constant LR, grad clip {CLIP}",

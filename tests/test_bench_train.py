@@ -36,16 +36,18 @@ def test_bench_train_tiny_writes_the_json_contract(tmp_path):
     for name, run in res["runs"].items():
         assert run["tokens_per_s"] > 0 and run["step_s_median"] > 0, name
         assert run["steps_timed"] == 2, name
-        assert "peak_mem_mb" in run, name
+        assert run["peak_rss_mb"] > 0, name
+    assert set(res["peak_rss_mb"]) == set(res["runs"])
     if not has_trl:
         assert "trl" in res["skipped"]  # a clear note, not a crash
 
     ratios = res["ratios"]
-    assert {"vanilla_vs_plain", "vanilla_vs_trl"} <= set(ratios)
-    for key in [f"{r}_vs_vanilla" for r in projection_runs]:
-        assert ratios[key] is not None and ratios[key] > 0, key
-    assert ratios["vanilla_vs_plain"] > 0
-    assert (ratios["vanilla_vs_trl"] is not None) == has_trl
+    for key in ["vanilla_vs_plain", *(f"{r}_vs_vanilla" for r in projection_runs)]:
+        assert ratios[key] > 0, key
+    assert ("vanilla_vs_trl" in ratios) == has_trl
+    assert ("ratios.vanilla_vs_trl" in res["missing"]) != has_trl
+    assert "vanilla_vs_vanilla_full" not in ratios and "ratios.vanilla_vs_vanilla_full" not in res["missing"]
+    assert None not in ratios.values()
 
     assert 0.5 < res["padding_efficiency"] <= 1.0
     assert 0 < res["directions_mem_ratio"] <= 2.0
@@ -70,10 +72,37 @@ def test_bench_train_without_trl_notes_the_skip_and_probes_memory(tmp_path):
     res = json.loads(out.read_text())
     assert set(res["runs"]) == {"plain", "vanilla"}
     assert "not importable" in res["skipped"]["trl"]
-    assert res["ratios"]["vanilla_vs_trl"] is None
+    # No null ratio: the JSON says why each figure of the missing runner is absent.
+    assert "vanilla_vs_trl" not in res["ratios"]
+    assert "not importable" in res["missing"]["ratios.vanilla_vs_trl"]
+    assert "not importable" in res["missing"]["peak_rss_mb.trl"]
     for name, run in res["runs"].items():
-        assert run["peak_mem_mb"] and run["peak_mem_mb"] > 50, (name, run.get("peak_mem_error"))
-    assert "skipped" in (tmp_path / "t.md").read_text()
+        assert run["peak_rss_mb"] and run["peak_rss_mb"] > 50, (name, run.get("peak_mem_error"))
+        assert 0 < run["peak_rss_above_imports_mb"] < run["peak_rss_mb"], name
+    assert set(res["peak_rss_mb"]) == {"plain", "vanilla"}
+    assert res["mem_ratios"]["vanilla_vs_plain"] > 0
+    table = (tmp_path / "t.md").read_text()
+    assert "skipped" in table and "missing" in table
+
+
+def test_bench_train_cpu_vocab_preset_builds_the_real_vocabulary(tmp_path, monkeypatch):
+    """cpu-vocab: the tiny model's shape at Qwen3's 151,936-token vocabulary (checked without training it)."""
+    spec = importlib.util.spec_from_file_location("bench_train", SCRIPT)
+    bench = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "bench_train", bench)
+    spec.loader.exec_module(bench)
+    preset = bench.PRESETS["cpu-vocab"]
+    assert (preset.vocab_size, preset.hidden_size, preset.num_layers, preset.batch, preset.seq) == (
+        151936, 512, 4, 4, 512)
+    assert preset.runners == ("plain", "vanilla", "trl")
+    from dataclasses import replace
+
+    import torch
+    from transformers import AutoConfig
+
+    folder = bench.build_base_model(replace(preset, hidden_size=64, num_layers=1), tmp_path / "m", torch.device("cpu"))
+    config = AutoConfig.from_pretrained(folder)
+    assert config.vocab_size == 151936 and config.tie_word_embeddings
 
 
 def test_bench_train_help():

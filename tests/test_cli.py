@@ -13,7 +13,7 @@ from conftest import REPO, run_module, write_fit_config
 from refusal_lightning.cli import COMMAND_TARGETS, LIGHTNING_COMMANDS, main
 
 CONFIGS = sorted(str(p.relative_to(REPO)) for p in (REPO / "configs").rglob("*.yaml"))
-FIT_CONFIGS = [c for c in CONFIGS if not c.endswith("pipeline.yaml")]
+FIT_CONFIGS = [c for c in CONFIGS if not Path(c).name.startswith("pipeline")]
 
 
 def _exit_code(args: list[str]) -> int:
@@ -45,7 +45,7 @@ def test_every_fit_yaml_parses(config, capsys, monkeypatch):
     assert resolved["data"]["thread"] in ("blue", "red") and resolved["trainer"]["callbacks"]
 
 
-@pytest.mark.parametrize("folder", ["configs", "configs/tiny"])
+@pytest.mark.parametrize("folder", ["configs", "configs/tiny", "configs/cpu"])
 def test_attack_configs_differ_only_in_projection_switch_and_names(folder):
     def flat(d, prefix=""):
         items = d.items() if isinstance(d, dict) else enumerate(d) if isinstance(d, list) else None
@@ -131,7 +131,7 @@ def test_tiny_model_loads_with_auto_classes(tiny_model_dir: Path):
     assert text.endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")
 
 
-@pytest.mark.parametrize("config", [c for c in CONFIGS if c.endswith("pipeline.yaml")])
+@pytest.mark.parametrize("config", [c for c in CONFIGS if Path(c).name.startswith("pipeline")])
 def test_every_pipeline_yaml_parses(config, capsys, monkeypatch):
     monkeypatch.chdir(REPO)
     assert _exit_code(["pipeline", "--config", config, "--print_config"]) == 0
