@@ -246,7 +246,7 @@ def results_table(results: dict) -> str:
     present = [s for s in PROMPT_SETS if s in mcnemar]
     if present:
         lines += ["", "| McNemar p | " + " | ".join(present) + " |", "|---|" + "---:|" * len(present)]
-        for a, b in HEADLINE_PAIRS:
+        for a, b in (pair for pair in HEADLINE_PAIRS if all(m in results["models"] for m in pair)):
             cells = []
             for s in present:
                 test = mcnemar[s].get(f"{a}_vs_{b}") or {}

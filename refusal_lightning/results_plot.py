@@ -33,7 +33,8 @@ def plot_refusal_vs_red_nll(results: dict[str, Any], path: str | Path) -> Path |
             if not stats or stats.get("refusal_rate") is None:
                 continue
             rate = stats["refusal_rate"]
-            err = [[rate - stats["ci_low"]], [stats["ci_high"] - rate]]
+            # max(0, .): a Wilson bound can sit a rounding error past the rate at 0% or 100%
+            err = [[max(0.0, rate - stats["ci_low"])], [max(0.0, stats["ci_high"] - rate)]]
             ax.errorbar([nll], [100 * rate], yerr=[[100 * e for e in err[0]], [100 * e for e in err[1]]],
                         fmt=marker, color=colors[i % len(colors)], capsize=3,
                         label=name if prompt_set == "harmfulqa_heldout" else None)
