@@ -1,0 +1,64 @@
+"""How often does batched greedy generation change an answer? Our `serve` with max_batch_size 16 vs 1.
+
+    python scripts/compare_batched.py --model artifacts/models/smollm2-135m-instruct --n 100 --max_tokens 24
+
+Starts two in-process servers on the same model (batched and unbatched), sends the same greedy requests
+(SORRY-Bench-proxy + benign prompts) concurrently to each, and prints the share of answers that differ.
+On the tiny model they must not differ (tests/test_serve.py); on a real model fp32 rounding differs with
+the padded batch shape, so near-ties can flip.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import requests
+
+from refusal_lightning.serve import start_background
+
+DATA = Path(__file__).resolve().parents[1] / "refusal_lightning" / "data" / "proxy"
+
+
+def prompts(n: int) -> list[str]:
+    harm = [json.loads(line)["turns"][0] for line in (DATA / "sorry_bench_proxy.jsonl").open()]
+    benign = [json.loads(line)["prompt"] for line in (DATA / "benign_eval.jsonl").open()]
+    mixed = [p for pair in zip(harm, benign, strict=False) for p in pair]
+    return mixed[:n]
+
+
+def answers(url: str, texts: list[str], max_tokens: int, concurrency: int) -> list[str]:
+    def ask(text: str) -> str:
+        body = {"messages": [{"role": "user", "content": text}], "max_tokens": max_tokens, "temperature": 0}
+        reply = requests.post(f"{url}/v1/chat/completions", json=body, timeout=600)
+        reply.raise_for_status()
+        return reply.json()["choices"][0]["message"]["content"]
+
+    with ThreadPoolExecutor(concurrency) as pool:
+        return list(pool.map(ask, texts))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="artifacts/models/smollm2-135m-instruct")
+    parser.add_argument("--n", type=int, default=100)
+    parser.add_argument("--max_tokens", type=int, default=24)
+    args = parser.parse_args()
+    texts = prompts(args.n)
+    results = {}
+    for size, concurrency in ((1, 1), (16, 16)):
+        server, url = start_background(args.model, max_batch_size=size)
+        try:
+            results[size] = answers(url, texts, args.max_tokens, concurrency)
+        finally:
+            server.shutdown()
+            server.server_close()
+    differ = [i for i, (a, b) in enumerate(zip(results[1], results[16], strict=True)) if a != b]
+    print(json.dumps({"model": args.model, "n": len(texts), "max_tokens": args.max_tokens,
+                      "differing": len(differ), "share_differing": len(differ) / len(texts)}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
