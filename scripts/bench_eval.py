@@ -14,9 +14,10 @@ Writes ``{"latency_ms", "rps": {"1", "4", "16", "64"}, "bound_ratio": {...}, ...
 ``--serve cpu`` measures our batched ``serve`` instead, with the demo's CPU model (SmolLM2-135M-Instruct,
 the folder ``python -m refusal_lightning prepare-model`` writes): fixed prompts, greedy, exactly
 ``--max_tokens`` (48) new tokens per request (``ignore_eos``), 16 requests at concurrency 1 and 64 at 4
-and at 16, from a client thread pool in this process against the server in its own process. Its
-concurrency-1 latency is compared with the same server started with ``--max_batch_size 1`` (unbatched
-generation), the two asked in turns so machine load hits both alike. Target: concurrency 16 at least
+and at 16, from a client thread pool in this process against the server in its own process; the levels'
+requests are split over ``--rounds`` (4) rounds, each running a share of every level, so load swings on a
+shared machine hit all levels alike. Its concurrency-1 latency is compared with the same server started
+with ``--max_batch_size 1`` (unbatched generation), the two asked in turns. Target: concurrency 16 at least
 6x the requests/s of concurrency 1, with concurrency-1 latency no worse than unbatched. Writes
 ``{"rps": {"1", "4", "16"}, "latency_s": {...}, "speedup_16_vs_1", "c1_latency_vs_unbatched", ...}``.
 """
@@ -115,9 +116,8 @@ def main() -> None:
     parser.add_argument("--max_batch_size", type=int, default=16, help="--serve: the server's --max_batch_size")
     parser.add_argument("--batch_wait_ms", type=float, default=None,
                         help="--serve: the server's --batch_wait_ms (default: serve's own)")
-    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
-                        help="--serve: the server's --dtype (float32: the demo's; bfloat16 uses AMX where the CPU "
-                        "has it, and changes the model's numerics)")
+    parser.add_argument("--rounds", type=int, default=4,
+                        help="--serve: the levels' requests are split over this many interleaved rounds")
     args = parser.parse_args()
     if args.serve:
         serve_main(args)
@@ -159,11 +159,10 @@ def main() -> None:
 
 
 # ------------------------------------------------------------------------------------ --serve
-def start_serve(model: Path, max_batch_size: int, batch_wait_ms: float | None,
-                dtype: str = "float32") -> tuple[subprocess.Popen, str]:
+def start_serve(model: Path, max_batch_size: int, batch_wait_ms: float | None) -> tuple[subprocess.Popen, str]:
     """``python -m refusal_lightning serve`` in a child process (its own GIL); (process, base URL) once ready."""
     cmd = [sys.executable, "-m", "refusal_lightning", "serve", "--model", str(model), "--port", "0",
-           "--device", "cpu", "--dtype", dtype, "--max_batch_size", str(max_batch_size)]
+           "--device", "cpu", "--dtype", "float32", "--max_batch_size", str(max_batch_size)]
     if batch_wait_ms is not None:
         cmd += ["--batch_wait_ms", str(batch_wait_ms)]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
@@ -218,55 +217,70 @@ def process_cpu_s(pid: int) -> float | None:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def measure_serve(client: ChatClient, concurrency: int, n: int, max_tokens: int, server_pid: int) -> dict:
-    """``n`` requests from ``concurrency`` client threads, each sending its next request when one returns."""
+def run_level(client: ChatClient, concurrency: int, indices: list[int], max_tokens: int) -> tuple[list, float]:
+    """Requests ``indices`` from ``concurrency`` client threads, each sending its next one when one returns;
+    (results, wall seconds)."""
     from concurrent.futures import ThreadPoolExecutor
 
-    cpu0, start = process_cpu_s(server_pid), time.perf_counter()
+    start = time.perf_counter()
     with ThreadPoolExecutor(concurrency) as pool:
-        results = list(pool.map(lambda i: client.chat(serve_payload(i, max_tokens)), range(n)))
-    wall, cpu1 = time.perf_counter() - start, process_cpu_s(server_pid)
-    problems = [p for p in (_check(r, max_tokens) for r in results) if p]
-    # Server CPU seconds per request: what batching saves, whatever else the machine is doing.
-    cpu = None if cpu0 is None or cpu1 is None else round((cpu1 - cpu0) / n, 4)
-    return {"requests": n, "wall_s": round(wall, 3), "rps": round(n / wall, 4), "server_cpu_s_per_request": cpu,
-            "tokens_per_s": round(n * max_tokens / wall, 2),
-            "latency_s": _latency_summary([r.latency_s for r in results]), "bad_replies": len(problems),
-            "first_problem": problems[0] if problems else None}
+        results = list(pool.map(lambda i: client.chat(serve_payload(i, max_tokens)), indices))
+    return results, time.perf_counter() - start
 
 
 def serve_main(args: argparse.Namespace) -> None:
+    """Concurrency 1 (each request also sent to an unbatched server), 4 and 16, interleaved in rounds."""
+    import signal
+
     model = args.model or SERVE_MODELS[args.serve]
     if not (model / "config.json").exists():
         raise SystemExit(f"error: no model folder at {model}: make it with `python -m refusal_lightning "
                          "prepare-model` (the demo's SmolLM2-135M-Instruct), or pass --model DIR")
     levels = {c: args.requests or n for c, n in SERVE_LEVELS.items()}
+    rounds = max(1, min(args.rounds, *levels.values()))
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so `finally` stops the servers
     t0, load_before = time.perf_counter(), os.getloadavg()
-    batched, batched_url = start_serve(model, args.max_batch_size, args.batch_wait_ms, args.dtype)
-    single, single_url = start_serve(model, 1, args.batch_wait_ms, args.dtype)
-    retry = RetryPolicy(max_attempts=1, timeout=600.0)
+    batched, batched_url = start_serve(model, args.max_batch_size, args.batch_wait_ms)
+    single, single_url = start_serve(model, 1, args.batch_wait_ms)
+    retry = RetryPolicy(max_attempts=1, timeout=900.0)
     clients = {"batched": ChatClient(batched_url, retry=retry, name="batched"),
                "unbatched": ChatClient(single_url, retry=retry, name="unbatched")}
+    results: dict[int, list] = {c: [] for c in levels}
+    wall: dict[int, float] = dict.fromkeys(levels, 0.0)
+    cpu: dict[int, float] = dict.fromkeys(levels, 0.0)
+    unbatched: list = []
+    round_rps: list[dict[int, float]] = []
     try:
         for client in clients.values():  # warm-up: first-call allocation, connection
             client.chat(serve_payload(0, args.max_tokens))
-        # Concurrency-1 latency, batched vs unbatched server, asked in turns (paired against load swings).
-        paired: dict[str, list[float]] = {"batched": [], "unbatched": []}
-        bad = 0
-        for i in range(levels[1]):
-            for name in (("batched", "unbatched") if i % 2 == 0 else ("unbatched", "batched")):
-                result = clients[name].chat(serve_payload(i, args.max_tokens))
-                bad += _check(result, args.max_tokens) is not None
-                paired[name].append(result.latency_s)
-        ratios = [b / u for b, u in zip(paired["batched"], paired["unbatched"], strict=True)]
-        single.terminate()
-        single.wait(timeout=30)
-        results = {}
-        for c, n in levels.items():
-            results[str(c)] = measure_serve(clients["batched"], c, n, args.max_tokens, batched.pid)
-            r = results[str(c)]
-            print(f"concurrency {c:>2}: {r['rps']:.3f} req/s over {n} requests ({r['tokens_per_s']:.1f} tok/s), "
-                  f"latency p50 {r['latency_s']['p50']:.2f} s, bad replies {r['bad_replies']}", flush=True)
+        # Load on a shared machine swings over minutes: every round runs a share of every level (order
+        # rotating), so the swings hit all levels alike, as bench_train interleaves its runners.
+        for r in range(rounds):
+            this_round: dict[int, float] = {}
+            order = list(levels)[r % len(levels):] + list(levels)[:r % len(levels)]
+            for c in order:
+                indices = list(range(levels[c]))[r::rounds]
+                cpu0 = process_cpu_s(batched.pid)
+                if c == 1:  # one request at a time, each also to the unbatched server, in turns
+                    got, seconds = [], 0.0
+                    for k, i in enumerate(indices):
+                        for name in (("batched", "unbatched") if (k + r) % 2 == 0 else ("unbatched", "batched")):
+                            result = clients[name].chat(serve_payload(i, args.max_tokens))
+                            if name == "batched":
+                                got.append(result)
+                                seconds += result.latency_s
+                            else:
+                                unbatched.append(result)
+                else:
+                    got, seconds = run_level(clients["batched"], c, indices, args.max_tokens)
+                cpu1 = process_cpu_s(batched.pid)
+                results[c] += got
+                wall[c] += seconds
+                cpu[c] += (cpu1 - cpu0) if cpu0 is not None and cpu1 is not None else float("nan")
+                this_round[c] = len(got) / seconds
+            round_rps.append(this_round)
+            print(f"round {r + 1}/{rounds}: " + ", ".join(f"c{c} {v:.3f} req/s" for c, v in this_round.items()),
+                  flush=True)
     finally:
         for client in clients.values():
             client.close()
@@ -275,26 +289,37 @@ def serve_main(args: argparse.Namespace) -> None:
                 proc.terminate()
                 proc.wait(timeout=30)
 
-    speedup = results["16"]["rps"] / results["1"]["rps"]
-    c1_vs_unbatched = statistics.median(ratios)
+    rps = {c: len(results[c]) / wall[c] for c in levels}
+    bad = {c: [p for p in (_check(x, args.max_tokens) for x in results[c]) if p] for c in levels}
+    bad_unbatched = [p for p in (_check(x, args.max_tokens) for x in unbatched) if p]
+    speedup = rps[16] / rps[1]
+    c1_ratios = [b.latency_s / u.latency_s for b, u in zip(results[1], unbatched, strict=True)]
+    c1_vs_unbatched = statistics.median(c1_ratios)
+    for c in levels:
+        print(f"concurrency {c:>2}: {rps[c]:.3f} req/s over {len(results[c])} requests "
+              f"({rps[c] * args.max_tokens:.1f} tok/s), latency p50 "
+              f"{statistics.median(x.latency_s for x in results[c]):.2f} s, bad replies {len(bad[c])}")
     out = {
         "mode": "serve", "tier": args.serve, "model": str(model), "max_tokens": args.max_tokens,
-        "ignore_eos": True, "greedy": True, "dtype": args.dtype, "max_batch_size": args.max_batch_size,
-        "batch_wait_ms": args.batch_wait_ms, "prompts": len(SERVE_PROMPTS),
-        "rps": {c: r["rps"] for c, r in results.items()},
-        "tokens_per_s": {c: r["tokens_per_s"] for c, r in results.items()},
-        "latency_s": {c: r["latency_s"] for c, r in results.items()},
-        "requests": {c: r["requests"] for c, r in results.items()},
-        "wall_s": {c: r["wall_s"] for c, r in results.items()},
-        "bad_replies": {c: r["bad_replies"] for c, r in results.items()},
-        "server_cpu_s_per_request": {c: r["server_cpu_s_per_request"] for c, r in results.items()},
+        "ignore_eos": True, "greedy": True, "dtype": "float32", "max_batch_size": args.max_batch_size,
+        "batch_wait_ms": args.batch_wait_ms, "prompts": len(SERVE_PROMPTS), "rounds": rounds,
+        "rps": {str(c): round(v, 4) for c, v in rps.items()},
+        "tokens_per_s": {str(c): round(v * args.max_tokens, 2) for c, v in rps.items()},
+        "latency_s": {str(c): _latency_summary([x.latency_s for x in results[c]]) for c in levels},
+        "requests": {str(c): len(results[c]) for c in levels},
+        "wall_s": {str(c): round(v, 3) for c, v in wall.items()},
+        "bad_replies": {str(c): len(v) for c, v in bad.items()},
+        "first_problem": next((v[0] for v in bad.values() if v), None),
+        # Server CPU seconds per request: what batching saves, whatever else the machine is doing.
+        "server_cpu_s_per_request": {str(c): round(cpu[c] / len(results[c]), 4) for c in levels},
         "speedup_16_vs_1": round(speedup, 3),
-        "c1_latency_s": {"batched": _latency_summary(paired["batched"]),
-                         "unbatched": _latency_summary(paired["unbatched"])},
+        "speedup_16_vs_1_paired": round(statistics.median(x[16] / x[1] for x in round_rps), 3),
+        "c1_latency_s": {"batched": _latency_summary([x.latency_s for x in results[1]]),
+                         "unbatched": _latency_summary([x.latency_s for x in unbatched])},
         "c1_latency_vs_unbatched": round(c1_vs_unbatched, 4),
         "c1_latency_method": "median over requests of the paired latency ratio batched / unbatched "
                              "(--max_batch_size 1), the two servers asked in turns",
-        "c1_bad_replies": bad,
+        "c1_bad_replies": len(bad_unbatched),
         "targets": [
             {"metric": "speedup_16_vs_1", "value": round(speedup, 3), "target": ">= 6", "met": speedup >= 6},
             {"metric": "c1_latency_vs_unbatched", "value": round(c1_vs_unbatched, 4), "target": "<= 1.0",
@@ -307,7 +332,8 @@ def serve_main(args: argparse.Namespace) -> None:
     path = Path(args.out)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(out, indent=2) + "\n")
-    print(f"16 vs 1: {speedup:.2f}x; concurrency-1 latency batched / unbatched: {c1_vs_unbatched:.3f}")
+    print(f"16 vs 1: {speedup:.2f}x (per round: {out['speedup_16_vs_1_paired']:.2f}x); concurrency-1 latency "
+          f"batched / unbatched: {c1_vs_unbatched:.3f}")
     print(f"wrote {path}")
 
 
