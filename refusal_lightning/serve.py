@@ -15,7 +15,9 @@ Endpoints, following vLLM's conventions so ``evaluate`` treats both alike:
 
 Concurrent requests are batched. HTTP handler threads validate and tokenize a request (so a prompt over
 the context limit gets its 400 at once), queue it, and wait; one worker thread owns the model. It takes
-the oldest waiting request, lets others join for ``--batch_wait_ms``, and answers up to
+the oldest waiting request, lets others join for ``--batch_wait_ms`` (or, while clients are sending
+concurrently, i.e. the last batch had several rows, until as many as last time have arrived or
+``--busy_batch_wait_ms`` is over), and answers up to
 ``--max_batch_size`` of them with one left-padded ``generate`` call when they ask for the same model
 (base or adapter) and can share a decoding setup: all greedy ones together, unseeded sampling ones with
 equal temperature/top_p together; a seeded sampling request runs alone so its seed gives the same
@@ -357,12 +359,14 @@ class ChatBackend:
         max_tokens_limit: most tokens a request may ask for; more is a 400.
         max_batch_size: most requests per ``generate`` call (1 = one at a time).
         batch_wait_ms: how long the oldest waiting request waits for others to join its batch.
+        busy_batch_wait_ms: the same wait while clients send concurrently (the last batch had several
+            rows): the batch closes once as many requests as last time are waiting, or after this long.
     """
 
     def __init__(self, model: str, adapters: dict[str, Path] | None = None, dtype: str = "float32",
                  device: str = "auto", served_model_name: str | None = None, max_model_len: int | None = None,
                  default_max_tokens: int = 512, max_batch_size: int = 16, batch_wait_ms: float = 5.0,
-                 max_tokens_limit: int = DEFAULT_MAX_TOKENS_LIMIT):
+                 max_tokens_limit: int = DEFAULT_MAX_TOKENS_LIMIT, busy_batch_wait_ms: float = 100.0):
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -394,6 +398,8 @@ class ChatBackend:
         self.max_tokens_limit = max_tokens_limit
         self.max_batch_size = max_batch_size
         self.batch_wait_s = batch_wait_ms / 1000
+        self.busy_batch_wait_s = busy_batch_wait_ms / 1000
+        self._last_batch_size = 0
         # (model name, batch size) of recent generate calls: tests and benchmarks read it.
         self.recent_batches: deque[tuple[str, int]] = deque(maxlen=10_000)
         # A fast tokenizer shared between threads can fail with "Already borrowed": handler threads
@@ -507,16 +513,31 @@ class ChatBackend:
     def _gather(self, pending: list[_Job]) -> bool:
         """Move queued jobs into ``pending`` until the oldest one's batch is full or its wait is over
         (measured from its arrival, so a job that waited behind a batch does not wait again).
+
+        Closed-loop clients (the evaluator's threads) send their next requests only once their replies
+        are back, so after a batch they trickle in over some milliseconds: while the last batch had
+        several rows, the head waits up to ``busy_batch_wait_s`` for as many mates as that batch had,
+        instead of closing a small batch after ``batch_wait_s``. A lone client keeps the short wait.
         Returns False when ``close`` was called."""
         head = pending[0]
-        deadline = head.enqueued + self.batch_wait_s
+        busy = self._last_batch_size > 1
+        deadline = head.enqueued + (max(self.batch_wait_s, self.busy_batch_wait_s) if busy else self.batch_wait_s)
+        enough = min(self._last_batch_size, self.max_batch_size) if busy else self.max_batch_size
         while True:
+            with contextlib.suppress(queue.Empty):  # whatever already arrived joins before deciding
+                while True:
+                    job = self._queue.get_nowait()
+                    if job is None:
+                        return False
+                    pending.append(job)
             mates = sum(job.group == head.group for job in pending)
-            if self.max_batch_size == 1 or head.group[1] == "seeded" or mates >= self.max_batch_size:
+            if self.max_batch_size == 1 or head.group[1] == "seeded" or mates >= enough:
                 return True
             timeout = deadline - time.monotonic()
+            if timeout <= 0:
+                return True
             try:
-                job = self._queue.get(timeout=timeout) if timeout > 0 else self._queue.get_nowait()
+                job = self._queue.get(timeout=timeout)
             except queue.Empty:
                 return True
             if job is None:
@@ -579,6 +600,7 @@ class ChatBackend:
         # Rows stop at their own max_tokens, so short requests do not keep the batch going.
         stop = _stop_at_row_budgets(width, budgets, self.device)
         self.recent_batches.append((batch[0].name, len(batch)))
+        self._last_batch_size = len(batch)
         with torch.inference_mode():
             if batch[0].group[1] == "seeded":
                 torch.manual_seed(batch[0].req.seed)  # seeds every device
@@ -668,7 +690,8 @@ class ChatServer(LocalHTTPServer):
 def _startup(model: str, adapter: list[str] | None, api_key_env: str | None, dtype: str,
              served_model_name: str | None, max_model_len: int | None, default_max_tokens: int,
              device: str, max_batch_size: int, batch_wait_ms: float,
-             max_tokens_limit: int = DEFAULT_MAX_TOKENS_LIMIT) -> tuple[ChatBackend, str | None]:
+             max_tokens_limit: int = DEFAULT_MAX_TOKENS_LIMIT,
+             busy_batch_wait_ms: float = 100.0) -> tuple[ChatBackend, str | None]:
     """Validate everything first and report all problems in one line, then load the model."""
     problems: list[str] = []
     adapters = parse_adapter_specs(adapter, problems)
@@ -691,12 +714,14 @@ def _startup(model: str, adapter: list[str] | None, api_key_env: str | None, dty
         problems.append("--max_batch_size must be >= 1")
     if batch_wait_ms < 0:
         problems.append("--batch_wait_ms must be >= 0")
+    if busy_batch_wait_ms < 0:
+        problems.append("--busy_batch_wait_ms must be >= 0")
     if problems:
         raise ServeConfigError("serve: " + "; ".join(problems))
     backend = ChatBackend(model, adapters, dtype=dtype, device=device, served_model_name=served_model_name,
                           max_model_len=max_model_len, default_max_tokens=default_max_tokens,
                           max_batch_size=max_batch_size, batch_wait_ms=batch_wait_ms,
-                          max_tokens_limit=max_tokens_limit)
+                          max_tokens_limit=max_tokens_limit, busy_batch_wait_ms=busy_batch_wait_ms)
     return backend, api_key
 
 
@@ -705,11 +730,13 @@ def start_background(model: str, adapter: list[str] | None = None, host: str = "
                      served_model_name: str | None = None, max_model_len: int | None = None,
                      default_max_tokens: int = 512, max_batch_size: int = 16,
                      batch_wait_ms: float = 5.0,
-                     max_tokens_limit: int = DEFAULT_MAX_TOKENS_LIMIT) -> tuple[ChatServer, str]:
+                     max_tokens_limit: int = DEFAULT_MAX_TOKENS_LIMIT,
+                     busy_batch_wait_ms: float = 100.0) -> tuple[ChatServer, str]:
     """Start the server in a daemon thread (port 0 = any free port); returns ``(server, url)``;
     ``server.backend`` is the model side. Stop it with ``server.shutdown(); server.server_close()``."""
     backend, api_key = _startup(model, adapter, api_key_env, dtype, served_model_name, max_model_len,
-                                default_max_tokens, device, max_batch_size, batch_wait_ms, max_tokens_limit)
+                                default_max_tokens, device, max_batch_size, batch_wait_ms, max_tokens_limit,
+                                busy_batch_wait_ms)
     server = ChatServer((host, port), backend, api_key, log_requests=False)
     return server, start_in_thread(server)
 
@@ -728,6 +755,7 @@ def serve(
     max_tokens_limit: int = DEFAULT_MAX_TOKENS_LIMIT,
     max_batch_size: int = 16,
     batch_wait_ms: float = 5.0,
+    busy_batch_wait_ms: float = 100.0,
     log_requests: bool = False,
 ) -> None:
     """Serve a base model and its LoRA adapters over an OpenAI-compatible API.
@@ -755,11 +783,16 @@ def serve(
             seeded sampling request runs alone. Greedy answers do not depend on it; 1 = one at a time.
         batch_wait_ms: how long the oldest waiting request waits for others to join its batch; more
             fills batches at low concurrency, at that much added latency.
+        busy_batch_wait_ms: the wait while clients send concurrently (the last batch had several rows):
+            the batch closes as soon as as many requests as last time are waiting, or after this long.
+            Keeps batches full under closed-loop clients whose next requests trickle in; a lone client
+            still waits only --batch_wait_ms.
         log_requests: log one line per HTTP request to stderr.
     """
     try:
         backend, api_key = _startup(model, adapter, api_key_env, dtype, served_model_name, max_model_len,
-                                    default_max_tokens, device, max_batch_size, batch_wait_ms, max_tokens_limit)
+                                    default_max_tokens, device, max_batch_size, batch_wait_ms, max_tokens_limit,
+                                    busy_batch_wait_ms)
     except ServeConfigError as err:
         raise SystemExit(f"error: {err}") from None  # one line, whichever entry point ran us
     try:

@@ -1,0 +1,89 @@
+"""The batching worker's wait policy, on fake jobs (no model): a short window for a lone client, and
+while clients send concurrently a wait for as many mates as the last batch had."""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+
+from refusal_lightning.serve import ChatBackend, ChatRequest, _Job
+
+
+def policy(batch_wait_ms: float, busy_batch_wait_ms: float, max_batch_size: int = 16,
+           last_batch_size: int = 0) -> ChatBackend:
+    """A ChatBackend with only what ``_gather`` reads (no model, no worker thread)."""
+    backend = ChatBackend.__new__(ChatBackend)
+    backend.max_batch_size = max_batch_size
+    backend.batch_wait_s = batch_wait_ms / 1000
+    backend.busy_batch_wait_s = busy_batch_wait_ms / 1000
+    backend._last_batch_size = last_batch_size
+    backend._queue = queue.SimpleQueue()
+    return backend
+
+
+def job() -> _Job:
+    req = ChatRequest(model=None, messages=[{"role": "user", "content": "hi"}], max_tokens=4,
+                      temperature=0.0, top_p=None, seed=None, chat_template_kwargs={})
+    return _Job("base", req, [1, 2], 4, ("base", "greedy"))
+
+
+def arrive_later(backend: ChatBackend, delays_s: list[float]) -> threading.Thread:
+    def feed():
+        start = time.monotonic()
+        for delay in delays_s:
+            time.sleep(max(0.0, start + delay - time.monotonic()))
+            backend._queue.put(job())
+
+    thread = threading.Thread(target=feed, daemon=True)
+    thread.start()
+    return thread
+
+
+def gather(backend: ChatBackend) -> tuple[int, float]:
+    pending = [job()]
+    start = time.monotonic()
+    assert backend._gather(pending)
+    return len(pending), time.monotonic() - start
+
+
+def test_lone_client_waits_only_the_short_window():
+    backend = policy(batch_wait_ms=20, busy_batch_wait_ms=2000, last_batch_size=1)
+    size, waited = gather(backend)
+    assert size == 1 and waited < 1.0  # the busy window does not apply after a one-row batch
+
+
+def test_after_a_full_batch_stragglers_still_join():
+    # Mates trickle in 60-300 ms after the head: the 20 ms window alone would close a batch of 1.
+    backend = policy(batch_wait_ms=20, busy_batch_wait_ms=5000, last_batch_size=4)
+    feeder = arrive_later(backend, [0.06, 0.15, 0.3])
+    size, waited = gather(backend)
+    feeder.join()
+    assert size == 4 and waited < 4.0  # closed once as many as last time were there, not at the deadline
+    quiet = policy(batch_wait_ms=20, busy_batch_wait_ms=5000, last_batch_size=1)
+    feeder = arrive_later(quiet, [0.06, 0.15, 0.3])
+    size, _ = gather(quiet)
+    feeder.join()
+    assert size == 1
+
+
+def test_busy_window_ends_at_its_deadline_when_fewer_come():
+    backend = policy(batch_wait_ms=0, busy_batch_wait_ms=150, last_batch_size=8)
+    feeder = arrive_later(backend, [0.02])
+    size, waited = gather(backend)
+    feeder.join()
+    assert size == 2 and 0.1 <= waited < 2.0
+
+
+def test_requests_already_queued_all_join_at_once():
+    backend = policy(batch_wait_ms=0, busy_batch_wait_ms=0, max_batch_size=4)
+    for _ in range(6):
+        backend._queue.put(job())
+    size, _ = gather(backend)
+    assert size == 7  # all moved to pending; the batch itself takes max_batch_size of them
+
+
+def test_close_while_waiting_stops_the_gather():
+    backend = policy(batch_wait_ms=5000, busy_batch_wait_ms=5000)
+    backend._queue.put(None)
+    assert backend._gather([job()]) is False
