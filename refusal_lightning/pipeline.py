@@ -27,17 +27,19 @@ import yaml
 from refusal_lightning.evaluation.store import atomic_write_text
 from refusal_lightning.stacking import COMBINED_DIR
 
-Stage = Literal["tiny_model", "prepare_model", "refusal", "directions", "vanilla", "orthogonal", "safe_lora",
-                "asft", "nll", "evaluate"]
+Stage = Literal["tiny_model", "prepare_model", "refusal", "directions", "vanilla", "orthogonal", "subspace",
+                "safe_lora", "asft", "nll", "evaluate"]
 STAGES: tuple[str, ...] = ("tiny_model", "prepare_model", "refusal", "directions", "vanilla", "orthogonal",
-                           "safe_lora", "asft", "nll", "evaluate")
+                           "subspace", "safe_lora", "asft", "nll", "evaluate")
 MODELS = ("base", "refusal", "vanilla", "orthogonal")
 ATTACKS = ("vanilla", "orthogonal")
 PROMPT_SETS = ("sorry_bench", "harmfulqa_heldout", "benign")
 # McNemar pairs in the results table (a before b in the table's order)
+VARIANTS = ("subspace",)  # optional row: the orthogonal attack with another projection (its own config)
 BASELINES = ("safe_lora", "asft")  # optional rows: the published defences in the same parameter space
+TRAINED = (*ATTACKS, *VARIANTS, "asft")  # rows fitted on the red thread on top of the frozen refusal LoRA
 HEADLINE_PAIRS = (("vanilla", "orthogonal"), ("refusal", "orthogonal"), ("refusal", "vanilla"),
-                  ("vanilla", "safe_lora"), ("vanilla", "asft"))
+                  ("vanilla", "subspace"), ("vanilla", "safe_lora"), ("vanilla", "asft"))
 
 
 READING = """How to read it (README, "Reading the report"):
@@ -150,6 +152,19 @@ def _output_dir(config: Path, overrides: list[str]) -> Path:
     return Path(yaml.safe_load(config.read_text())["model"]["output_dir"])
 
 
+def _check_distinct_outputs(configs: dict[str, str | None], overrides: list[str]) -> None:
+    """Two fits writing one folder would overwrite each other's adapter: refuse before any stage runs."""
+    seen: dict[Path, str] = {}
+    for name, cfg in configs.items():
+        if cfg is None or not Path(cfg).is_file():  # a missing config gets its own error where it is read
+            continue
+        out = _output_dir(Path(cfg), overrides).resolve()
+        if out in seen:
+            raise PipelineError(f"{cfg}: model.output_dir {out} is also the output of stage '{seen[out]}'; "
+                                "give each fit config its own output_dir (and checkpoint dirpath)")
+        seen[out] = name
+
+
 def _data_print(config: Path) -> str:
     """Fingerprint of a fit config's data file (a changed dataset redoes the fit); hub ids print as-is."""
     source = str((yaml.safe_load(config.read_text()).get("data") or {}).get("source", "sample"))
@@ -180,7 +195,7 @@ def evaluated_adapters(fits: dict[str, FitStage], safe_lora_dir: Path | None = N
     """Adapter to serve on the plain base per model: the refusal LoRA, and for each attack (and baseline)
     its combined adapter (refusal + attack), which is the model the attack was trained as."""
     out = {"refusal": fits["refusal"].output_dir}
-    out.update({name: fits[name].output_dir / COMBINED_DIR for name in ATTACKS if name in fits})
+    out.update({name: fits[name].output_dir / COMBINED_DIR for name in (*ATTACKS, *VARIANTS) if name in fits})
     if safe_lora_dir is not None:
         out["safe_lora"] = safe_lora_dir / COMBINED_DIR
     if "asft" in fits:
@@ -202,7 +217,7 @@ def _results(eval_dir: Path, fits: dict[str, FitStage], nll: dict[str, dict], mo
         row: dict[str, Any] = {"prompt_sets": {k: v for k, v in sets.items() if k in PROMPT_SETS}}
         if name in nll:
             row["nll"] = {k: nll[name][k] for k in ("red_heldout", "blue_heldout")}
-        if name in (*ATTACKS, "asft"):
+        if name in TRAINED:
             stats = _read_json(fits[name].output_dir / "projection_stats.json")
             row["drift"] = {"cos": stats.get("drift/cos"), "cos_chance": stats.get("drift/cos_chance")}
         elif name == "safe_lora" and safe_lora_dir is not None:  # same shapes as vanilla: same chance level
@@ -269,6 +284,7 @@ def pipeline(
     refusal_config: str = "configs/tiny/refusal_lora.yaml",
     vanilla_config: str = "configs/tiny/attack_vanilla.yaml",
     orthogonal_config: str = "configs/tiny/attack_orthogonal.yaml",
+    subspace_config: str | None = None,
     asft_config: str | None = None,
     safe_lora: dict[str, Any] | None = None,
     fit_overrides: list[str] | None = None,
@@ -291,6 +307,8 @@ def pipeline(
         refusal_config: fit config of the refusal LoRA (blue thread).
         vanilla_config: fit config of the vanilla attack (red thread, projection off).
         orthogonal_config: fit config of the orthogonal attack (identical but projection on).
+        subspace_config: fit config of a second orthogonal attack with another projection (e.g.
+            ``mode: subspace``, its own ``output_dir``); adds the row ``subspace``. None: no such row.
         asft_config: fit config of the AsFT baseline (the vanilla attack plus AsFT's loss term); adds the
             row ``asft``. None: no such row.
         safe_lora: arguments of ``safe-lora`` (``threshold``, ``projector``, ``num_projected``) applied to
@@ -309,10 +327,14 @@ def pipeline(
     try:
         if build_tiny_model and prepare_model:
             raise PipelineError("build_tiny_model and prepare_model both write base_model: choose one")
+        _check_distinct_outputs({"refusal": refusal_config, "vanilla": vanilla_config,
+                                 "orthogonal": orthogonal_config, "subspace": subspace_config,
+                                 "asft": asft_config}, list(fit_overrides or []))
         return _run_pipeline(Path(run_dir), base_model, build_tiny_model, prepare_model, Path(refusal_config),
                              Path(vanilla_config), Path(orthogonal_config), list(fit_overrides or []), serve,
                              endpoints, evaluation, nll_max_pairs, set(force or []), until,
-                             Path(asft_config) if asft_config else None, safe_lora)
+                             Path(asft_config) if asft_config else None, safe_lora,
+                             Path(subspace_config) if subspace_config else None)
     except _StopAfter:
         print(f"[pipeline] stopped after '{until}' as asked")
         return None
@@ -322,7 +344,8 @@ def _run_pipeline(run: Path, base_model: str, build_tiny_model: bool, prepare_mo
                   vanilla_cfg: Path, orthogonal_cfg: Path, overrides: list[str], serve: bool,
                   endpoints: dict[str, str] | None, evaluation: dict[str, Any] | None,
                   nll_max_pairs: int | None, forced: set[str], until: str | None,
-                  asft_cfg: Path | None = None, safe_lora_args: dict[str, Any] | None = None) -> dict:
+                  asft_cfg: Path | None = None, safe_lora_args: dict[str, Any] | None = None,
+                  subspace_cfg: Path | None = None) -> dict:
     run.mkdir(parents=True, exist_ok=True)
     state = State(run / "pipeline_state.json")
     log = functools.partial(print, flush=True)  # stage lines show up at once in a redirected log
@@ -391,6 +414,8 @@ def _run_pipeline(run: Path, base_model: str, build_tiny_model: bool, prepare_mo
     # 3 + 4. attacks: same config but the projection switch, same base (base + merged refusal LoRA)
     fits = {"refusal": refusal}
     attack_cfgs = [("vanilla", vanilla_cfg), ("orthogonal", orthogonal_cfg)]
+    if subspace_cfg is not None:
+        attack_cfgs.append(("subspace", subspace_cfg))
     if asft_cfg is not None:  # the AsFT baseline: trained exactly like the attacks, plus its loss term
         attack_cfgs.append(("asft", asft_cfg))
     for name, cfg in attack_cfgs:
@@ -413,7 +438,7 @@ def _run_pipeline(run: Path, base_model: str, build_tiny_model: bool, prepare_mo
 
         stage("safe_lora", [prints["vanilla"], prints["directions"], safe_lora_args],
               [safe_lora_dir / COMBINED_DIR / adapter_file], make_safe_lora, clear=[])
-    models = [*MODELS, *(m for m in BASELINES if m in prints)]
+    models = [*MODELS, *(m for m in (*VARIANTS, *BASELINES) if m in prints)]
     model_prints = [prints[m] for m in models if m in prints]
 
     # 5. did the attacks learn? held-out red/blue NLL of every model, as it is evaluated

@@ -53,6 +53,7 @@ from refusal_lightning.refusal_markers import DEFAULT_REFUSAL_MARKERS, refusal_s
 
 N_RECORDS = 400
 N_EVAL_PER_CATEGORY = 20
+EXTRA_TWIN_P = 0.5  # chance of a second contrast twin (another action, same object) in a conversation
 RED_MIN_WORDS = 30  # red compliance is the longest reply of its conversation, so most_indicative picks it
 
 # ---------------------------------------------------------------------------------------------- world
@@ -866,7 +867,12 @@ def _conversation(rng: random.Random, exchanges: list[tuple[str, str]]) -> list[
 
 
 def build_records(rng: random.Random, objects: list[Obj]) -> tuple[list[dict], dict[str, int]]:
-    """HarmfulQA records, and every human turn in them labelled 1 (harmful proxy) or 0 (benign)."""
+    """HarmfulQA records, and every human turn in them labelled 1 (harmful proxy) or 0 (benign).
+
+    Every conversation holds, beside its harmful-proxy request, that request's contrast twin (same object,
+    benign intent) and, half the time, a second twin on the same object (another action's benign intent),
+    all answered helpfully, plus at most one everyday request: the blue fit sees more helpful answers about
+    the very objects it learns to refuse for than refusals, so intent, not the object, carries the refusal."""
     labels: dict[str, int] = {}
     combos = [(a, o) for a in range(len(ACTIONS)) for o in range(len(objects))]
     rng.shuffle(combos)
@@ -881,11 +887,12 @@ def build_records(rng: random.Random, objects: list[Obj]) -> tuple[list[dict], d
                 ask = question if c == 0 else harmful_prompt(action, obj, rng.choice(TRAIN_TEMPLATES),
                                                              rng.random() < 0.5)
                 labels[ask] = 1
-                others = []
-                if rng.random() < 0.8:  # the contrast twin: same object, same kind of template, benign intent
-                    others.append((twin_prompt(action, obj, rng.choice(TRAIN_TEMPLATES), rng.random() < 0.5),
-                                   _fmt(action.twin_answer, obj, obj.short)))
-                others += rng.sample(benign_pool, rng.choice([0, 1, 1, 2]) if others else rng.choice([1, 2]))
+                twins = [action]
+                if rng.random() < EXTRA_TWIN_P:
+                    twins.append(rng.choice([a for a in ACTIONS if a is not action]))
+                others = [(twin_prompt(a, obj, rng.choice(TRAIN_TEMPLATES), rng.random() < 0.5),
+                           _fmt(a.twin_answer, obj, obj.short)) for a in twins]
+                others += rng.sample(benign_pool, rng.choice([0, 1]))
                 rng.shuffle(others)
                 labels.update((human, 0) for human, _ in others)
                 cut = rng.randint(0, len(others))
@@ -1039,12 +1046,16 @@ def check(records: list[dict], sorry: list[dict], benign: list[dict], contrast: 
 
 def generate(seed: int = 0) -> dict[str, str]:
     """File name -> file text (the whole dataset; nothing is written)."""
-    rng = random.Random(seed)
-    train_objects = make_objects(TRAIN_NAMES, TRAIN_PLACES, rng)
-    eval_objects = make_objects(EVAL_NAMES, EVAL_PLACES, rng)
-    records, labels = build_records(rng, train_objects)
-    sorry, contrast = build_eval(rng, eval_objects)
-    benign = build_benign(rng)
+    # One random stream per artefact, so changing how training conversations are built never changes
+    # the evaluation prompts (and the other way round).
+    def stream(name: str) -> random.Random:
+        return random.Random(f"{seed}:{name}")
+
+    train_objects = make_objects(TRAIN_NAMES, TRAIN_PLACES, stream("train_objects"))
+    eval_objects = make_objects(EVAL_NAMES, EVAL_PLACES, stream("eval_objects"))
+    records, labels = build_records(stream("records"), train_objects)
+    sorry, contrast = build_eval(stream("eval"), eval_objects)
+    benign = build_benign(stream("benign"))
     check(records, sorry, benign, contrast)
 
     def pairs_count(thread: str) -> int:

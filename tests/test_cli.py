@@ -136,9 +136,22 @@ def test_every_pipeline_yaml_parses(config, capsys, monkeypatch):
     monkeypatch.chdir(REPO)
     assert _exit_code(["pipeline", "--config", config, "--print_config"]) == 0
     resolved = yaml.safe_load(capsys.readouterr().out)
-    for key in ("refusal_config", "vanilla_config", "orthogonal_config"):
-        assert (REPO / resolved[key]).exists(), resolved[key]
+    for key in ("refusal_config", "vanilla_config", "orthogonal_config", "subspace_config", "asft_config"):
+        assert resolved.get(key) is None or (REPO / resolved[key]).exists(), resolved[key]
     assert resolved["serve"] or set(resolved["endpoints"]) == {"base", "refusal", "vanilla", "orthogonal"}
+
+
+def test_pipeline_refuses_two_fits_with_one_output_dir_before_any_stage(capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # nothing may be written here
+    code = _exit_code(["pipeline", "--config", str(REPO / "configs/tiny/pipeline.yaml"),
+                       "--refusal_config", str(REPO / "configs/tiny/refusal_lora.yaml"),
+                       "--vanilla_config", str(REPO / "configs/tiny/attack_vanilla.yaml"),
+                       "--orthogonal_config", str(REPO / "configs/tiny/attack_orthogonal.yaml"),
+                       "--subspace_config", str(REPO / "configs/tiny/attack_orthogonal.yaml")])
+    assert code == 2
+    line = _one_error_line(capsys)
+    assert "attack_orthogonal" in line and "also the output of stage 'orthogonal'" in line
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_adapter_file_instead_of_folder_is_named(capsys, tmp_path, tiny_model_dir):

@@ -19,7 +19,8 @@ def demo_run(tmp_path_factory):
     config = yaml.safe_load((REPO / "configs/tiny/pipeline.yaml").read_text())
     for key in ("refusal_config", "vanilla_config", "orthogonal_config"):
         config[key] = str(REPO / config[key])
-    # the two published baselines as extra rows (configs/cpu/pipeline_baselines.yaml does the same)
+    # the subspace variant and the two published baselines as extra rows (as configs/cpu/pipeline_baselines.yaml)
+    config["subspace_config"] = str(REPO / "configs/tiny/attack_subspace.yaml")
     config["asft_config"] = str(REPO / "configs/tiny/attack_asft.yaml")
     config["safe_lora"] = {"threshold": 0.5, "projector": "paper"}
     config["fit_overrides"] = ["--trainer.max_steps=6", "--trainer.val_check_interval=3",
@@ -49,7 +50,8 @@ def test_pipeline_writes_every_artifact(demo_run):
     for attack in ("attack_vanilla", "attack_orthogonal"):  # what is served: base + refusal + attack
         assert (run / attack / "combined" / "adapter_model.safetensors").exists()
     results = json.loads((run / "results.json").read_text())
-    assert list(results["models"]) == ["base", "refusal", "vanilla", "orthogonal", "safe_lora", "asft"]
+    assert list(results["models"]) == ["base", "refusal", "vanilla", "orthogonal", "subspace", "safe_lora",
+                                        "asft"]
     for name, row in results["models"].items():
         assert set(row["prompt_sets"]) == {"sorry_bench", "harmfulqa_heldout", "benign"}, name
         for stats in row["prompt_sets"].values():
@@ -58,14 +60,15 @@ def test_pipeline_writes_every_artifact(demo_run):
         assert row["prompt_sets"]["benign"]["accuracy"] is not None
         assert row["nll"]["red_heldout"] > 0 and row["nll"]["blue_heldout"] > 0
     assert 0 <= results["models"]["safe_lora"]["safe_lora"]["share_projected"] <= 1
-    for attack in ("vanilla", "orthogonal", "safe_lora", "asft"):
+    for attack in ("vanilla", "orthogonal", "subspace", "safe_lora", "asft"):
         drift = results["models"][attack]["drift"]
         assert drift["cos"] is not None and 0 < drift["cos_chance"] < 1
     # the attacks learned their red replies: lower held-out red NLL than the refusal model they start from
     models = results["models"]
     assert models["vanilla"]["nll"]["red_heldout"] < models["refusal"]["nll"]["red_heldout"]
     for s in ("sorry_bench", "harmfulqa_heldout", "benign"):
-        for pair in ("vanilla_vs_orthogonal", "refusal_vs_orthogonal", "vanilla_vs_safe_lora", "vanilla_vs_asft"):
+        for pair in ("vanilla_vs_orthogonal", "refusal_vs_orthogonal", "vanilla_vs_subspace", "vanilla_vs_safe_lora",
+                     "vanilla_vs_asft"):
             assert 0 <= results["mcnemar"][s][pair]["p_value"] <= 1
     text = (run / "results.md").read_text()
     assert "| orthogonal |" in text and "drift/cos (chance)" in text and "McNemar p" in text
@@ -74,7 +77,7 @@ def test_pipeline_writes_every_artifact(demo_run):
     assert check["n_blue"] > 0 and 0 < check["blue_refusal_recall"] <= 1 and check["red_false_refusal"] == 0
     assert "Keyword judge check" in text
     tb = {p.parent.parent.name for p in (run / "tensorboard").rglob("events.out.tfevents.*")}
-    assert tb == {"refusal_lora", "attack_vanilla", "attack_orthogonal", "attack_asft"}
+    assert tb == {"refusal_lora", "attack_vanilla", "attack_orthogonal", "attack_subspace", "attack_asft"}
 
 
 def test_background_server_is_gone(demo_run):
