@@ -150,3 +150,27 @@ def test_report_holds_the_bag_of_words_control():
             assert 0.0 <= control[variant][key] <= 1.0
     assert 0.5 <= control["chance"]["heldout_accuracy"] < 1.0
     assert set(report["categories"]) == {r["category"] for r in _jsonl("sorry_bench_proxy.jsonl")}
+
+
+def test_every_conversation_answers_its_own_contrast_twin(gen):
+    # The refusal fit must see the benign intent on the very object it refuses for, answered helpfully:
+    # without that a LoRA learns "refuse requests about these objects" (the demo's over-refusal).
+    twins = {gen._fmt(a.twin_answer, o, o.short) for a in gen.ACTIONS
+             for o in gen.make_objects(gen.TRAIN_NAMES, gen.TRAIN_PLACES, gen.random.Random("0:train_objects"))}
+    helpful = refusals = 0
+    for record in _records():
+        for conv in record["blue_conversations"].values():
+            replies = [t["value"] for t in conv if t["from"] == "gpt"]
+            assert sum(r in twins for r in replies) >= 1, record["id"]
+            refusals += sum(is_refusal(r) for r in replies)
+            helpful += sum(r in twins for r in replies)
+    assert helpful >= 1.4 * refusals  # more helpful twin answers than refusals in the blue thread
+
+
+def test_training_mix_does_not_move_the_evaluation_prompts(gen, monkeypatch):
+    before = gen.generate(0)
+    monkeypatch.setattr(gen, "EXTRA_TWIN_P", 0.0)
+    after = gen.generate(0)
+    assert after["harmfulqa_proxy.json"] != before["harmfulqa_proxy.json"]
+    for name in ("sorry_bench_proxy.jsonl", "benign_proxy.jsonl", "benign_contrast_proxy.jsonl", "benign_eval.jsonl"):
+        assert after[name] == before[name], name
