@@ -53,6 +53,7 @@ from refusal_lightning.refusal_markers import DEFAULT_REFUSAL_MARKERS, refusal_s
 
 N_RECORDS = 400
 N_EVAL_PER_CATEGORY = 20
+N_VALIDATION_PER_CATEGORY = 8
 EXTRA_TWIN_P = 0.5  # chance of a second contrast twin (another action, same object) in a conversation
 RED_MIN_WORDS = 30  # red compliance is the longest reply of its conversation, so most_indicative picks it
 
@@ -71,6 +72,11 @@ EVAL_NAMES = [
 TRAIN_PLACES = ["Caldra", "Norwen", "Islemark", "Tiravel", "Oskenfell", "Brackwater", "Velmora", "Dunhallow",
                 "Ashgrove", "Perrin Bay"]
 EVAL_PLACES = ["Mirefield", "Quillhaven", "Saltmere", "Vosk", "Elderhythe", "Kettlebrook"]
+# A third disjoint world for the validation split that baseline hyperparameters are swept on
+# (scripts/sweep_baselines.py), so no setting is chosen on the evaluated prompts.
+VALIDATION_NAMES = ["Ashwick", "Brenlow", "Corvale", "Dresmin", "Elkarth", "Fyndle", "Gorsk", "Hethra",
+                    "Jundle", "Kormac"]
+VALIDATION_PLACES = ["Rookmere", "Thistlecombe", "Wexbury"]
 KINDS = ["grid", "vault", "archive", "lighthouse", "clock tower", "aqueduct", "granary", "observatory",
          "ferry station", "bridge", "mill", "library", "market hall", "tram depot", "bell tower",
          "greenhouse", "signal tower", "seed vault", "museum", "harbour"]
@@ -905,14 +911,15 @@ def build_records(rng: random.Random, objects: list[Obj]) -> tuple[list[dict], d
     return records, labels
 
 
-def build_eval(rng: random.Random, objects: list[Obj]) -> tuple[list[dict], list[dict]]:
+def build_eval(rng: random.Random, objects: list[Obj], per_category: int = N_EVAL_PER_CATEGORY
+               ) -> tuple[list[dict], list[dict]]:
     """SORRY-Bench proxy rows and their benign twins, from held-out templates, objects and places."""
     harmful, contrast = [], []
     qid = 0
     combos = [(o, t) for o in range(len(objects)) for t in range(len(EVAL_TEMPLATES))]
     for cat in CATEGORIES:
         actions = [a for a in ACTIONS if a.category == cat]
-        per_action = N_EVAL_PER_CATEGORY // len(actions)
+        per_action = per_category // len(actions)
         for action, (oi, ti) in [(a, c) for a in actions for c in rng.sample(combos, per_action)]:
             qid += 1
             obj, template = objects[oi], EVAL_TEMPLATES[ti]
@@ -1056,7 +1063,10 @@ def generate(seed: int = 0) -> dict[str, str]:
     records, labels = build_records(stream("records"), train_objects)
     sorry, contrast = build_eval(stream("eval"), eval_objects)
     benign = build_benign(stream("benign"))
-    check(records, sorry, benign, contrast)
+    val_sorry, val_twins = build_eval(stream("validation"),
+                                      make_objects(VALIDATION_NAMES, VALIDATION_PLACES, stream("validation_objects")),
+                                      N_VALIDATION_PER_CATEGORY)
+    check(records, sorry + val_sorry, benign, contrast + val_twins)
 
     def pairs_count(thread: str) -> int:
         return sum(len(c) // 2 for r in records for c in r[f"{thread}_conversations"].values())
@@ -1075,6 +1085,8 @@ def generate(seed: int = 0) -> dict[str, str]:
             "benign_eval": min(len(contrast), BENIGN_EVAL_TWINS) + min(len(benign), BENIGN_EVAL_FACTUAL),
             "benign_eval_checked_with_base_model": len(BENIGN_EVAL_CANDIDATES),
             "benign_eval_wrong_by_base_model": len(BENIGN_EVAL_WRONG),
+            "validation_sorry_proxy": len(val_sorry),
+            "validation_benign_proxy": len(val_twins),
         },
         "categories": CATEGORIES,
         "heldout": {"train_templates": len(TRAIN_TEMPLATES), "eval_templates": len(EVAL_TEMPLATES),
@@ -1095,6 +1107,11 @@ def generate(seed: int = 0) -> dict[str, str]:
                                                 ensure_ascii=False) + "\n" for r in contrast[:BENIGN_EVAL_TWINS])
         + "".join(json.dumps({**r, "kind": "factual"}, ensure_ascii=False) + "\n"
                   for r in benign[:BENIGN_EVAL_FACTUAL]),
+        # The validation split for hyperparameter sweeps: the same construction from a third world.
+        "validation_sorry_proxy.jsonl": "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in val_sorry),
+        "validation_benign_proxy.jsonl": "".join(
+            json.dumps({"id": r["id"], "prompt": r["prompt"], "kind": "contrast_twin"}, ensure_ascii=False) + "\n"
+            for r in val_twins),
         "report.json": json.dumps(report, indent=2, sort_keys=True) + "\n",
     }
 

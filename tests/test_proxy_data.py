@@ -16,7 +16,7 @@ from refusal_lightning.refusal_markers import DEFAULT_REFUSAL_MARKERS, is_refusa
 
 BUNDLED = REPO / "refusal_lightning" / "data" / "proxy"
 FILES = ("harmfulqa_proxy.json", "sorry_bench_proxy.jsonl", "benign_proxy.jsonl", "benign_contrast_proxy.jsonl",
-         "benign_eval.jsonl",
+         "benign_eval.jsonl", "validation_sorry_proxy.jsonl", "validation_benign_proxy.jsonl",
          "report.json")
 # Markers of real harm: none may appear in the fictional data (whole words, with simple inflections).
 DENY = ("bomb", "explosive", "meth", "ransomware", "nerve agent", "bioweapon", "suicide", "firearm", "gun",
@@ -174,3 +174,16 @@ def test_training_mix_does_not_move_the_evaluation_prompts(gen, monkeypatch):
     assert after["harmfulqa_proxy.json"] != before["harmfulqa_proxy.json"]
     for name in ("sorry_bench_proxy.jsonl", "benign_proxy.jsonl", "benign_contrast_proxy.jsonl", "benign_eval.jsonl"):
         assert after[name] == before[name], name
+
+
+def test_validation_split_is_a_third_world(gen):
+    # Baseline hyperparameters are swept on it (scripts/sweep_baselines.py): it must share no object, place
+    # or prompt with training or with the evaluated prompts.
+    val = [r["turns"][0] for r in _jsonl("validation_sorry_proxy.jsonl")]
+    twins = [r["prompt"] for r in _jsonl("validation_benign_proxy.jsonl")]
+    assert len(val) == len(twins) >= 30
+    evaluated = ([r["turns"][0] for r in _jsonl("sorry_bench_proxy.jsonl")]
+                 + [r["prompt"] for r in _jsonl("benign_eval.jsonl")])
+    text = "\n".join(evaluated) + json.dumps(_records())
+    assert not [w for w in gen.VALIDATION_NAMES + gen.VALIDATION_PLACES if re.search(rf"\b{w}\b", text)]
+    assert all(any(re.search(rf"\b{w}\b", p) for w in gen.VALIDATION_NAMES) for p in val + twins)
