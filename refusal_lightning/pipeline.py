@@ -104,11 +104,12 @@ class State:
 class ServerProcess:
     """``python -m refusal_lightning serve`` in the background on a free loopback port; always stopped."""
 
-    def __init__(self, model: str, adapters: dict[str, Path], log_path: Path, timeout_s: float = 180):
+    def __init__(self, model: str, adapters: dict[str, Path], log_path: Path, timeout_s: float = 180,
+                 max_batch_size: int = 16):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.args = [sys.executable, "-m", "refusal_lightning", "serve", "--model", model,
-                     "--served_model_name", "base", "--port", str(self.port)]
+                     "--served_model_name", "base", "--port", str(self.port), "--max_batch_size", str(max_batch_size)]
         for name, path in adapters.items():
             self.args += ["--adapter", f"{name}={path}"]
         self.log_path = log_path
@@ -471,7 +472,9 @@ def _run_pipeline(run: Path, base_model: str, build_tiny_model: bool, prepare_mo
 
     def run_evaluation(_: bool) -> None:
         if serve:
-            with ServerProcess(base_model, served, run / "serve.log") as server:
+            # one batch can hold every request the evaluator has in flight (greedy answers do not change)
+            with ServerProcess(base_model, served, run / "serve.log",
+                               max_batch_size=int(eval_args.get("concurrency") or 16)) as server:
                 specs = [f"{m}={server.url}#{m}" for m in models]
                 evaluate(endpoint=specs, output_dir=str(eval_dir), **eval_args)
         else:

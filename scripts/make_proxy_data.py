@@ -55,6 +55,7 @@ N_RECORDS = 400
 N_EVAL_PER_CATEGORY = 20
 N_VALIDATION_PER_CATEGORY = 8
 EXTRA_TWIN_P = 0.5  # chance of a second contrast twin (another action, same object) in a conversation
+EVERYDAY_PER_CONVERSATION = (2, 2, 3)  # everyday requests (how-tos, facts) answered in each conversation
 RED_MIN_WORDS = 30  # red compliance is the longest reply of its conversation, so most_indicative picks it
 
 # ---------------------------------------------------------------------------------------------- world
@@ -877,8 +878,9 @@ def build_records(rng: random.Random, objects: list[Obj]) -> tuple[list[dict], d
 
     Every conversation holds, beside its harmful-proxy request, that request's contrast twin (same object,
     benign intent) and, half the time, a second twin on the same object (another action's benign intent),
-    all answered helpfully, plus at most one everyday request: the blue fit sees more helpful answers about
-    the very objects it learns to refuse for than refusals, so intent, not the object, carries the refusal."""
+    all answered helpfully, plus two or three everyday requests (how-tos and facts, answered correctly): the
+    blue fit sees more helpful answers about the very objects it learns to refuse for than refusals, so
+    intent, not the object, carries the refusal, and real answers keep the model's knowledge in use."""
     labels: dict[str, int] = {}
     combos = [(a, o) for a in range(len(ACTIONS)) for o in range(len(objects))]
     rng.shuffle(combos)
@@ -898,7 +900,7 @@ def build_records(rng: random.Random, objects: list[Obj]) -> tuple[list[dict], d
                     twins.append(rng.choice([a for a in ACTIONS if a is not action]))
                 others = [(twin_prompt(a, obj, rng.choice(TRAIN_TEMPLATES), rng.random() < 0.5),
                            _fmt(a.twin_answer, obj, obj.short)) for a in twins]
-                others += rng.sample(benign_pool, rng.choice([0, 1]))
+                others += rng.sample(benign_pool, rng.choice(EVERYDAY_PER_CONVERSATION))
                 rng.shuffle(others)
                 labels.update((human, 0) for human, _ in others)
                 cut = rng.randint(0, len(others))

@@ -110,6 +110,34 @@ def test_rerun_skips_finished_stages_and_force_redoes_one(demo_run, capsys):
     assert "[pipeline] nll: running" in out
 
 
+def test_sweep_baselines_on_the_validation_split(demo_run, capsys):
+    import importlib.util
+
+    tmp, path, _ = demo_run
+    spec = importlib.util.spec_from_file_location("sweep_baselines", REPO / "scripts" / "sweep_baselines.py")
+    sweep = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sweep)
+    # the validation files are read relative to the working directory, as in the repo
+    (tmp / "refusal_lightning").symlink_to(REPO / "refusal_lightning")
+    sweep.main(["--pipeline_config", str(path), "--thresholds", "0.5", "0.99", "--lams", "1", "0.1",
+                "--nll_max_pairs", "8"])
+    out = tmp / "artifacts/tiny/sweep"
+    result = json.loads((out / "sweep.json").read_text())
+    names = [row["model"] for row in result["rows"]]
+    assert names == ["refusal", "vanilla", "safe_lora_t0p5", "safe_lora_t0p99", "asft_lam1", "asft_lam0p1"]
+    assert "validation_sorry_proxy" in result["validation"]["prompts"]
+    rows = {row["model"]: row for row in result["rows"]}
+    for row in rows.values():
+        assert row["refusal_n"] == 40 and row["over_refusal_n"] == 40 and row["red_nll"] > 0
+        assert row["refusal_ci"][0] <= row["refusal"] <= row["refusal_ci"][1]
+    # a higher threshold projects at least as many modules, and keeps at most as much of the attack
+    assert rows["safe_lora_t0p99"]["share_projected"] >= rows["safe_lora_t0p5"]["share_projected"]
+    assert rows["safe_lora_t0p99"]["delta_norm_kept"] <= rows["safe_lora_t0p5"]["delta_norm_kept"] + 1e-6
+    # lam 1 is the pipeline's own fit (reused); lam 0.1 was fitted for the sweep
+    assert rows["asft_lam1"]["adapter"].endswith("attack_asft") and (out / "asft_lam0p1" / "combined").is_dir()
+    assert "| asft_lam0p1 | lam 0.1 |" in (out / "sweep.md").read_text()
+
+
 def test_failed_evaluation_exits_non_zero_with_one_error_line(demo_run, capsys):
     # Last in this file: it reruns the evaluate stage against endpoints where nothing listens.
     tmp, path, _ = demo_run
@@ -119,7 +147,7 @@ def test_failed_evaluation_exits_non_zero_with_one_error_line(demo_run, capsys):
     config = yaml.safe_load(path.read_text())
     config["serve"] = False
     config["endpoints"] = {m: f"http://127.0.0.1:{port}#{m}" for m in ("base", "refusal", "vanilla", "orthogonal",
-                                                                    "safe_lora", "asft")}
+                                                                    "subspace", "safe_lora", "asft")}
     config["evaluation"].update({"max_attempts": 1, "retry_backoff": 0.01})
     failing = tmp / "pipeline_unreachable.yaml"
     failing.write_text(yaml.safe_dump(config))
@@ -131,3 +159,13 @@ def test_failed_evaluation_exits_non_zero_with_one_error_line(demo_run, capsys):
     assert len(errors) == 1 and errors[0].startswith("error: evaluate: abandoned endpoint base: cannot connect"), errors
     assert f"http://127.0.0.1:{port}/v1" in errors[0]
     assert (tmp / "artifacts/tiny/eval/summary.json").exists()  # the outputs are still written
+
+
+def test_server_batches_as_many_requests_as_the_evaluator_sends():
+    from pathlib import Path
+
+    from refusal_lightning.pipeline import ServerProcess
+
+    args = ServerProcess("base-dir", {"refusal": Path("r")}, Path("serve.log"), max_batch_size=128).args
+    assert args[args.index("--max_batch_size") + 1] == "128"
+    assert args[args.index("--adapter") + 1] == "refusal=r"
