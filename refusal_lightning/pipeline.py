@@ -24,7 +24,7 @@ from typing import Any, Literal
 
 import yaml
 
-from refusal_lightning.evaluation.store import atomic_write_text
+from refusal_lightning.files import atomic_write_text
 from refusal_lightning.stacking import COMBINED_DIR
 
 Stage = Literal["tiny_model", "prepare_model", "refusal", "directions", "vanilla", "orthogonal", "safe_lora",

@@ -6,7 +6,7 @@ One concept per module:
   held-out questions, filtered, with bad rows counted.
 - ``client``: ``/v1/chat/completions`` over pooled ``requests`` sessions, retries, auth errors.
 - ``judges``: the SORRY-Bench LLM judge prompt and its 0/1 parser; the keyword judge.
-- ``store``: append-only JSONL logs that survive a crash, and atomic whole-file writes.
+- ``store``: append-only JSONL logs that survive a crash.
 - ``metrics``: Wilson intervals, McNemar's test, Cohen's kappa, the summary.
 - ``report``: ``summary.json``/``.csv``, ``report.md``, the per-category plot, the stdout table.
 - ``runner``: the ``evaluate`` command that ties them together and resumes interrupted runs.

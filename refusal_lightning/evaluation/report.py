@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from refusal_lightning.evaluation.prompts import BENIGN, HARMFULQA_HELDOUT, PROMPT_SET_TITLES
-from refusal_lightning.evaluation.store import atomic_write, atomic_write_text
+from refusal_lightning.files import atomic_write, atomic_write_text
 
 CSV_FIELDS = ["endpoint", "prompt_set", "scope", "group", "n", "refusals", "fulfillments", "errors",
               "refusal_rate", "refusal_ci_lo", "refusal_ci_hi", "fulfillment_rate", "fulfillment_ci_lo",

@@ -1,11 +1,9 @@
-"""Crash-safe files: append-only JSONL logs and atomic whole-file writes.
+"""Crash-safe, append-only JSONL logs: the evaluator's responses and judgments.
 
 A log line is written with one ``write`` call, flushed and fsynced before the next, so a crash
 (SIGKILL, power loss) leaves at worst one torn last line. Reading tolerates that line, and opening
 for append cuts it off first, so the next record starts on a fresh line instead of being glued to
-garbage. Summaries are written to a temporary file in the same folder and moved into place with
-``os.replace``: a reader sees the old file or the new one, never half of one; the file is fsynced
-before the rename and its folder after it, so the new name survives a power cut too.
+garbage. Whole-file writes (summaries, reports) are ``refusal_lightning.files.atomic_write``.
 """
 
 from __future__ import annotations
@@ -13,8 +11,6 @@ from __future__ import annotations
 import json
 import os
 import threading
-import uuid
-from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
 
@@ -104,40 +100,3 @@ class JsonlLog:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
-    """Call ``write(tmp_path)`` then move the result onto ``path`` atomically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # Not mkstemp: its 0600 mode would stick to the final file; a unique name is enough here.
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        write(Path(tmp))
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    fsync_dir(path.parent)
-
-
-def fsync_dir(folder: str | Path) -> None:
-    """Make a rename in ``folder`` durable: the new name lives in the folder's entry table, which a
-    power cut can lose unless the folder itself is fsynced (POSIX; a no-op where folders cannot be opened)."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:  # Windows cannot open a folder this way
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # a file system that cannot sync folders (EINVAL): the file itself already is on disk
-        pass
-    finally:
-        os.close(fd)
-
-
-def atomic_write_text(path: str | Path, text: str) -> None:
-    """Write ``text`` to ``path`` atomically (UTF-8)."""
-    atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
