@@ -52,6 +52,7 @@ from refusal_lightning.http_json import (
 from refusal_lightning.loading import DTYPES
 from refusal_lightning.serve_backend import ChatBackend
 from refusal_lightning.serve_request import DEFAULT_MAX_TOKENS_LIMIT, parse_chat_request
+from refusal_lightning.specs import split_spec
 
 
 class ServeConfigError(ValueError):
@@ -62,10 +63,9 @@ def parse_adapter_specs(adapter: list[str] | None, problems: list[str]) -> dict[
     """``NAME=PATH`` (or a bare ``PATH``, named after its folder) -> {name: path}; problems collected."""
     out: dict[str, Path] = {}
     for spec in adapter or []:
-        name, sep, path = spec.partition("=")
-        if not sep:
-            name, path = Path(spec).name, spec
-        name, path = name.strip(), path.strip()
+        name, path = split_spec(spec)
+        if name is None:  # a bare PATH
+            name = Path(path).name
         if not name or not path:
             problems.append(f"--adapter {spec!r}: expected NAME=PATH")
             continue

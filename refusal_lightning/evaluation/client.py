@@ -23,6 +23,8 @@ from urllib.parse import urlsplit, urlunsplit
 import requests
 from requests.adapters import HTTPAdapter
 
+from refusal_lightning.specs import split_spec
+
 RETRYABLE_STATUS = frozenset({408, 425, 429}) | frozenset(range(500, 600))
 
 
@@ -60,11 +62,11 @@ def normalize_base_url(url: str) -> str:
 
 def parse_endpoint(spec: str) -> Endpoint:
     """Parse ``NAME=URL`` or ``NAME=URL#MODEL`` (URL = server root or its ``/v1``)."""
-    name, sep, rest = spec.partition("=")
-    if not sep or not name.strip() or not rest.strip():
+    name, rest = split_spec(spec)
+    if not name or not rest:
         raise ValueError(f"endpoint {spec!r}: expected NAME=URL or NAME=URL#MODEL")
     url, _, model = rest.partition("#")
-    return Endpoint(name=name.strip(), base_url=normalize_base_url(url), model=model.strip() or None)
+    return Endpoint(name=name, base_url=normalize_base_url(url), model=model.strip() or None)
 
 
 def parse_endpoints(specs: Sequence[str] | None, model_name: Sequence[str] | None,
@@ -88,9 +90,9 @@ def parse_endpoints(specs: Sequence[str] | None, model_name: Sequence[str] | Non
     per_name: dict[str, str] = {}
     default: str | None = None
     for entry in model_name or []:
-        name, sep, model = entry.partition("=")
-        if not sep:
-            default = entry
+        name, model = split_spec(entry)
+        if name is None:
+            default = model
         elif name in names:
             per_name[name] = model
         else:
