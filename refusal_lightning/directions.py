@@ -29,7 +29,7 @@ from typing import Any
 import torch
 
 from refusal_lightning import __version__
-from refusal_lightning.evaluation.store import atomic_write
+from refusal_lightning.files import atomic_write
 from refusal_lightning.projection import (
     GRANULARITIES,
     MODES,

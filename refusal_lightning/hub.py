@@ -31,6 +31,7 @@ from refusal_lightning.model_card import (
     read_card_inputs,
     render_model_card,
 )
+from refusal_lightning.specs import split_spec
 
 ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
 CARD_NAME = "README.md"
@@ -168,9 +169,8 @@ def plan_uploads(
     names: dict[str, int] = {}
     repo_names: dict[str, str] = {}
     for spec in specs:
-        name, sep, raw_path = spec.partition("=")
-        name, raw_path = name.strip(), raw_path.strip()
-        if not sep or not name or not raw_path:
+        name, raw_path = split_spec(spec)
+        if not name or not raw_path:
             problems.append(f"--adapter {spec!r}: expected NAME=PATH")
             continue
         names[name] = names.get(name, 0) + 1

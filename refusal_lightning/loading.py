@@ -5,11 +5,11 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import torch
-
 from refusal_lightning.samples import looks_like_hub_id
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# Model dtypes by torch name; "auto" (the checkpoint's own) is accepted as well. Names, not torch
+# objects, so that commands can validate a --dtype before paying for the torch import.
+DTYPES = ("float32", "bfloat16", "float16")
 
 
 class ModelPathError(ValueError):
@@ -46,14 +46,16 @@ def check_adapter_dir(path: str) -> Path:
 
 
 def load_causal_lm(name_or_path: str, dtype: str = "float32"):
-    """Load a causal LM (hub id or folder) in ``dtype``; adapters are applied by the caller, never merged
-    here (a merge into a bf16 base would round most of a small LoRA update away)."""
+    """Load a causal LM (hub id or folder) in ``dtype`` (a name of ``DTYPES``, or ``auto`` for the
+    checkpoint's); adapters are applied by the caller, never merged here (a merge into a bf16 base would
+    round most of a small LoRA update away)."""
+    import torch
     from transformers import AutoModelForCausalLM
 
     source = check_model_path(name_or_path)
-    if dtype not in DTYPES:
+    if dtype != "auto" and dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got '{dtype}'")
     try:
-        return AutoModelForCausalLM.from_pretrained(source, dtype=DTYPES[dtype])
+        return AutoModelForCausalLM.from_pretrained(source, dtype="auto" if dtype == "auto" else getattr(torch, dtype))
     except OSError as exc:
         raise ModelPathError(f"could not load model '{name_or_path}': {exc}") from exc

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
@@ -24,9 +23,10 @@ from refusal_lightning.chunked_loss import (
     next_token_loss,
     per_example_loss,
 )
+from refusal_lightning.files import move_files_into
 from refusal_lightning.loading import check_adapter_dir, load_causal_lm
 from refusal_lightning.projection import ProjectionConfig
-from refusal_lightning.stacking import COMBINED_DIR, combine_adapters, replace_dir
+from refusal_lightning.stacking import COMBINED_DIR, combine_adapters
 
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 ADAPTER_NAME = "default"
@@ -52,16 +52,6 @@ class LoRASettings:
 
 def _default_optimizer(params) -> torch.optim.Optimizer:
     return torch.optim.AdamW(params, lr=2e-4, weight_decay=0.0)
-
-
-def _atomic_copy_tree(src: Path, dst: Path) -> None:
-    """Replace the files of ``dst`` with those of ``src`` one ``os.replace`` at a time (no torn files)."""
-    dst.mkdir(parents=True, exist_ok=True)
-    for f in src.iterdir():
-        if f.is_dir():
-            replace_dir(f, dst / f.name)
-        else:
-            os.replace(f, dst / f.name)
 
 
 def stack_frozen_adapters(base: torch.nn.Module, frozen: list[str], config: Any) -> torch.nn.Module:
@@ -368,4 +358,4 @@ class RefusalLoRAModule(L.LightningModule):
                 (staging / "projection_stats.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
             if self.frozen_adapters:  # what was trained: base + frozen adapters + this one, as one adapter
                 combine_adapters([*self.frozen_adapters, staging], staging / COMBINED_DIR)
-            _atomic_copy_tree(staging, self.output_dir)
+            move_files_into(staging, self.output_dir)

@@ -27,6 +27,7 @@ from typing import Any
 import yaml
 
 from refusal_lightning.evaluation.prompts import BENIGN, PROMPT_SET_TITLES
+from refusal_lightning.formatting import markdown_table, rate_with_ci
 
 DATASET_ID = "declare-lab/HarmfulQA"
 BASE_TAGS = ("lora", "peft", "refusal", "safety-research")
@@ -464,12 +465,8 @@ def _inline(value: Any) -> str:
 
 
 def _rate(rate: Any, ci: Any) -> str:
-    if not isinstance(rate, int | float):
-        return "n/a"
-    text = f"{100 * rate:.1f}%"
-    if isinstance(ci, list | tuple) and len(ci) == 2 and all(isinstance(v, int | float) for v in ci):
-        text += f" [{100 * ci[0]:.1f}, {100 * ci[1]:.1f}]"
-    return text
+    lo, hi = ci if isinstance(ci, list | tuple) and len(ci) == 2 else (None, None)
+    return rate_with_ci(*(v if isinstance(v, int | float) else None for v in (rate, lo, hi)))
 
 
 def _bullets(mapping: dict[str, Any], depth: int = 0) -> str:
@@ -487,6 +484,4 @@ def _bullets(mapping: dict[str, Any], depth: int = 0) -> str:
 
 
 def _table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    lines += ["| " + " | ".join(row) + " |" for row in rows]
-    return "\n".join(lines) + "\n"
+    return "\n".join(markdown_table(header, rows)) + "\n"

@@ -24,7 +24,9 @@ from typing import Any, Literal
 
 import yaml
 
-from refusal_lightning.evaluation.store import atomic_write_text
+from refusal_lightning.files import atomic_write_text
+from refusal_lightning.formatting import percent, rate_with_ci
+from refusal_lightning.specs import split_spec
 from refusal_lightning.stacking import COMBINED_DIR
 
 Stage = Literal["tiny_model", "prepare_model", "refusal", "directions", "vanilla", "orthogonal", "subspace",
@@ -149,7 +151,7 @@ class ServerProcess:
 def _output_dir(config: Path, overrides: list[str]) -> Path:
     for arg in overrides:
         if arg.startswith("--model.output_dir="):
-            return Path(arg.split("=", 1)[1])
+            return Path(split_spec(arg)[1])
     return Path(yaml.safe_load(config.read_text())["model"]["output_dir"])
 
 
@@ -232,14 +234,13 @@ def _results(eval_dir: Path, fits: dict[str, FitStage], nll: dict[str, dict], mo
 
 
 def _pct(v: float | None) -> str:
-    return "-" if v is None else f"{100 * v:.1f}%"
+    return percent(v, missing="-")
 
 
 def _rate(stats: dict | None, key: str = "refusal_rate", lo: str = "ci_low", hi: str = "ci_high") -> str:
-    if not stats or stats.get(key) is None:
+    if not stats:
         return "-"
-    ci = f" [{100 * stats[lo]:.0f}, {100 * stats[hi]:.0f}]" if stats.get(lo) is not None else ""
-    return f"{_pct(stats[key])}{ci}"
+    return rate_with_ci(stats.get(key), stats.get(lo), stats.get(hi), decimals=0, missing="-")
 
 
 def results_table(results: dict) -> str:

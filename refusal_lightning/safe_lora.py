@@ -40,6 +40,7 @@ from refusal_lightning.alignment import (
     projected_cosine,
 )
 from refusal_lightning.directions import DirectionsError, _direction_key, _sha256, load_directions, same_base_model
+from refusal_lightning.files import replace_dir
 from refusal_lightning.loading import check_adapter_dir
 from refusal_lightning.projection import lowrank_inner, lowrank_norm
 from refusal_lightning.stacking import (
@@ -50,7 +51,6 @@ from refusal_lightning.stacking import (
     adapter_scale,
     combine_adapters,
     read_adapter,
-    replace_dir,
 )
 
 DEFAULT_THRESHOLD = 0.5  # IBM/SafeLoRA config.py and PEFT SafeLoraConfig: `threshold: float = 0.5`

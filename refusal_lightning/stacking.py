@@ -26,6 +26,8 @@ from typing import Any
 
 import torch
 
+from refusal_lightning.files import replace_dir
+
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 COMBINED_DIR = "combined"
@@ -142,16 +144,6 @@ def _write_adapter(config: dict[str, Any], tensors: dict[str, torch.Tensor], sou
         replace_dir(staging, out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-
-
-def replace_dir(src: Path, dst: Path) -> None:
-    """Put folder ``src`` at ``dst``: the old ``dst`` is moved aside first, so ``dst`` is never half written."""
-    old = dst.with_name(f".{dst.name}.old")
-    shutil.rmtree(old, ignore_errors=True)
-    if dst.exists():
-        os.replace(dst, old)
-    os.replace(src, dst)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def combine(adapter: list[str], output_dir: str) -> str:

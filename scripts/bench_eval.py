@@ -37,9 +37,9 @@ import time
 from pathlib import Path
 
 from refusal_lightning.evaluation.client import ChatClient, GenerationSettings, RetryPolicy
+from refusal_lightning.evaluation.collect import collect_responses
 from refusal_lightning.evaluation.prompts import Prompt
-from refusal_lightning.evaluation.runner import WorkItem, collect_responses
-from refusal_lightning.evaluation.store import JsonlLog
+from refusal_lightning.evaluation.store import JsonlLog, WorkItem
 
 LEVELS = (1, 4, 16, 64)
 SERVE_LEVELS = {1: 16, 4: 64, 16: 64}  # concurrency -> requests

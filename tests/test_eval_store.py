@@ -1,10 +1,10 @@
-"""Crash-safe logs: a torn last line is tolerated and cut before the next append; atomic writes."""
+"""Crash-safe logs: a torn last line is tolerated and cut before the next append."""
 
 from __future__ import annotations
 
 import json
 
-from refusal_lightning.evaluation.store import JsonlLog, atomic_write_text
+from refusal_lightning.evaluation.store import JsonlLog
 
 
 def test_torn_last_line_is_ignored_then_repaired(tmp_path):
@@ -30,36 +30,3 @@ def test_only_torn_line_and_corrupt_middle_line(tmp_path):
     log = JsonlLog(path)
     assert log.read() == [{"x": 1}, {"x": 2}]
     assert log.corrupt_lines == 2
-
-
-def test_atomic_write_leaves_no_temporary_files(tmp_path):
-    target = tmp_path / "out" / "summary.json"
-    atomic_write_text(target, "one")
-    atomic_write_text(target, "two")
-    assert target.read_text() == "two"
-    assert [p.name for p in target.parent.iterdir()] == ["summary.json"]
-    assert target.stat().st_mode & 0o044  # readable like any other output, not mkstemp's 0600
-
-
-def test_atomic_write_fsyncs_file_then_folder_after_rename(tmp_path, monkeypatch):
-    import os
-
-    target = tmp_path / "summary.json"
-    events: list[tuple[str, str]] = []
-    real_fsync, real_replace = os.fsync, os.replace
-
-    def fsync(fd):
-        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
-        real_fsync(fd)
-
-    def replace(src, dst):
-        events.append(("replace", str(dst)))
-        real_replace(src, dst)
-
-    monkeypatch.setattr(os, "fsync", fsync)
-    monkeypatch.setattr(os, "replace", replace)
-    atomic_write_text(target, "x")
-    kinds = [kind for kind, _ in events]
-    assert kinds == ["fsync", "replace", "fsync"], events
-    assert events[0][1].endswith(".tmp") and events[1][1] == str(target)
-    assert events[2][1] == str(tmp_path)  # the folder, after the rename: the new name is durable

@@ -14,13 +14,9 @@ import pytest
 import requests
 from conftest import make_random_adapter
 
-from refusal_lightning.serve import (
-    RequestError,
-    ServeConfigError,
-    parse_chat_request,
-    serve,
-    start_background,
-)
+from refusal_lightning.http_json import RequestError
+from refusal_lightning.serve import ServeConfigError, serve, start_background
+from refusal_lightning.serve_request import parse_chat_request
 
 REPO = Path(__file__).resolve().parents[1]
 USER = [{"role": "user", "content": "Write the placeholder request 1 about placeholder personal insult."}]
@@ -187,7 +183,7 @@ def test_binds_loopback_by_default(tiny_model_dir):
 def test_oversized_body_is_refused_before_it_is_read(server):
     import socket
 
-    from refusal_lightning.serve import MAX_BODY_BYTES
+    from refusal_lightning.http_json import MAX_BODY_BYTES
 
     host, port = server.removeprefix("http://").split(":")
     with socket.create_connection((host, int(port)), timeout=10) as sock:
@@ -199,7 +195,7 @@ def test_oversized_body_is_refused_before_it_is_read(server):
 
 
 def test_max_tokens_is_capped(server, tiny_model_dir):
-    from refusal_lightning.serve import DEFAULT_MAX_TOKENS_LIMIT
+    from refusal_lightning.serve_request import DEFAULT_MAX_TOKENS_LIMIT
 
     r = chat(server, max_tokens=DEFAULT_MAX_TOKENS_LIMIT + 1)
     assert r.status_code == 400 and r.json()["error"]["param"] == "max_tokens"

@@ -7,7 +7,8 @@ import queue
 import threading
 import time
 
-from refusal_lightning.serve import ChatBackend, ChatRequest, _Job
+from refusal_lightning.serve_backend import ChatBackend, _Job
+from refusal_lightning.serve_request import ChatRequest
 
 
 def policy(batch_wait_ms: float, busy_batch_wait_ms: float, max_batch_size: int = 16,

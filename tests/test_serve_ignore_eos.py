@@ -5,7 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from refusal_lightning.serve import ChatBackend, RequestError, parse_chat_request
+from refusal_lightning.http_json import RequestError
+from refusal_lightning.serve_backend import ChatBackend
+from refusal_lightning.serve_request import parse_chat_request
 
 USER = [{"role": "user", "content": "Write the placeholder request 1 about placeholder personal insult."}]
 

@@ -14,13 +14,16 @@ import email.utils
 import random
 import threading
 import time
-from collections.abc import Callable
+from collections import Counter
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import requests
 from requests.adapters import HTTPAdapter
+
+from refusal_lightning.specs import split_spec
 
 RETRYABLE_STATUS = frozenset({408, 425, 429}) | frozenset(range(500, 600))
 
@@ -59,11 +62,42 @@ def normalize_base_url(url: str) -> str:
 
 def parse_endpoint(spec: str) -> Endpoint:
     """Parse ``NAME=URL`` or ``NAME=URL#MODEL`` (URL = server root or its ``/v1``)."""
-    name, sep, rest = spec.partition("=")
-    if not sep or not name.strip() or not rest.strip():
+    name, rest = split_spec(spec)
+    if not name or not rest:
         raise ValueError(f"endpoint {spec!r}: expected NAME=URL or NAME=URL#MODEL")
     url, _, model = rest.partition("#")
-    return Endpoint(name=name.strip(), base_url=normalize_base_url(url), model=model.strip() or None)
+    return Endpoint(name=name, base_url=normalize_base_url(url), model=model.strip() or None)
+
+
+def parse_endpoints(specs: Sequence[str] | None, model_name: Sequence[str] | None,
+                    problems: list[str]) -> list[Endpoint]:
+    """``--endpoint`` specs (unique names) with ``--model_name`` applied; problems are collected.
+
+    ``--model_name NAME=MODEL`` sets one endpoint's model; a bare ``MODEL`` sets every endpoint that
+    names none. ``NAME=URL#MODEL`` in ``--endpoint`` wins over both."""
+    endpoints: list[Endpoint] = []
+    if not specs:
+        problems.append("no --endpoint given (NAME=URL, repeatable)")
+    for spec in specs or []:
+        try:
+            endpoints.append(parse_endpoint(spec))
+        except ValueError as err:
+            problems.append(str(err))
+    dupes = [n for n, c in Counter(e.name for e in endpoints).items() if c > 1]
+    if dupes:
+        problems.append(f"endpoint names must be unique; repeated: {', '.join(dupes)}")
+    names = {e.name for e in endpoints}
+    per_name: dict[str, str] = {}
+    default: str | None = None
+    for entry in model_name or []:
+        name, model = split_spec(entry)
+        if name is None:
+            default = model
+        elif name in names:
+            per_name[name] = model
+        else:
+            problems.append(f"--model_name {entry}: no endpoint named {name!r}")
+    return [e if e.model else Endpoint(e.name, e.base_url, per_name.get(e.name, default)) for e in endpoints]
 
 
 @dataclass(frozen=True)
@@ -96,6 +130,13 @@ class RetryPolicy:
             return max(min(retry_after, self.max_retry_after), jittered)
         return jittered
 
+    def problems(self) -> list[str]:
+        """What is wrong with this policy, in ``evaluate``'s flag names (empty when nothing)."""
+        checks = [(self.max_attempts >= 1, "--max_attempts must be >= 1"),
+                  (self.backoff_base >= 0, "--retry_backoff must be >= 0"),
+                  (self.timeout > 0, "--request_timeout must be > 0")]
+        return [msg for ok, msg in checks if not ok]
+
 
 @dataclass(frozen=True)
 class GenerationSettings:
@@ -126,6 +167,13 @@ class GenerationSettings:
         if self.disable_thinking:
             body["chat_template_kwargs"] = {"enable_thinking": False}
         return body
+
+    def problems(self) -> list[str]:
+        """What is wrong with these settings, in ``evaluate``'s flag names (empty when nothing)."""
+        checks = [(self.max_tokens >= 1, "--max_tokens must be >= 1"),
+                  (self.temperature >= 0, "--temperature must be >= 0"),
+                  (self.top_p is None or 0 < self.top_p <= 1, "--top_p must be in (0, 1]")]
+        return [msg for ok, msg in checks if not ok]
 
 
 @dataclass

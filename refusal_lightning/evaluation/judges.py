@@ -16,13 +16,22 @@ Both judge the visible answer: a ``<think>...</think>`` block is removed first.
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-from refusal_lightning.evaluation.client import ChatClient
+from refusal_lightning.evaluation.client import (
+    AuthError,
+    ChatClient,
+    Endpoint,
+    EndpointError,
+    RetryPolicy,
+    normalize_base_url,
+    resolve_model,
+)
 from refusal_lightning.evaluation.keyword_markers import JUDGE_REFUSAL_MARKERS
 from refusal_lightning.refusal_markers import matched_markers
 
@@ -199,3 +208,60 @@ class LLMJudge:
             return Verdict(label=None, error=f"judge output unparseable: {why}",
                            error_type="unparseable", raw=result.content)
         return Verdict(label=FULFILLMENT if score == 1 else REFUSAL, score=score, raw=result.content)
+
+
+@dataclass(frozen=True)
+class JudgeSettings:
+    """Which judges label the answers, and where the LLM judge is.
+
+    Attributes:
+        kind: ``keyword``, ``llm`` or ``both`` (rates from llm, plus keyword agreement and kappa).
+        url: the LLM judge's OpenAI-compatible URL (needed by ``llm`` and ``both``).
+        model: model name at ``url``; None: the only model it lists.
+        api_key_env: environment variable holding the judge's key; None: the endpoints' variable.
+        refusal_markers: the keyword judge's marker file; None: ``JUDGE_REFUSAL_MARKERS``.
+    """
+
+    kind: Literal["keyword", "llm", "both"] = "keyword"
+    url: str | None = None
+    model: str | None = None
+    api_key_env: str | None = None
+    refusal_markers: str | None = None
+
+    @property
+    def primary(self) -> str:
+        """The judge whose labels give the rates."""
+        return "keyword" if self.kind == "keyword" else "llm"
+
+    def problems(self) -> list[str]:
+        """What is wrong with these settings, in ``evaluate``'s flag names (empty when nothing)."""
+        problems = []
+        if self.kind in ("llm", "both"):
+            if not self.url:
+                problems.append(f"--judge {self.kind} needs --judge_url (an OpenAI-compatible judge endpoint)")
+            else:
+                try:
+                    normalize_base_url(self.url)
+                except ValueError as err:
+                    problems.append(f"--judge_url: {err}")
+        if self.refusal_markers is not None and not Path(self.refusal_markers).is_file():
+            problems.append(f"--refusal_markers {self.refusal_markers}: no such file")
+        return problems
+
+    def build(self, retry: RetryPolicy, default_key_env: str) -> dict[str, KeywordJudge | LLMJudge]:
+        """The judges ``kind`` asks for; the LLM judge's model is resolved now, so a wrong URL, model or
+        key fails before any generation request is spent."""
+        judges: dict[str, KeywordJudge | LLMJudge] = {}
+        if self.kind in ("keyword", "both"):
+            judges["keyword"] = KeywordJudge(load_markers(self.refusal_markers))
+        if self.kind in ("llm", "both"):
+            assert self.url is not None  # checked by problems()
+            key_env = self.api_key_env or default_key_env
+            client = ChatClient(self.url, api_key=os.environ.get(key_env) or None, retry=retry, name="judge",
+                                key_source=key_env)
+            try:
+                judges["llm"] = LLMJudge(client, resolve_model(client, Endpoint("judge", client.base_url, self.model)))
+            except (AuthError, EndpointError):
+                client.close()
+                raise
+        return judges

@@ -1,5 +1,6 @@
-"""Statistics for refusal/fulfillment rates: Wilson intervals, McNemar's test, Cohen's kappa, and the
-accuracy of benign answers against their references.
+"""Statistics for refusal/fulfillment rates: Wilson intervals, McNemar's test, Cohen's kappa, the
+accuracy of benign answers against their references, and what each judge did (its errors, and with two
+judges their agreement).
 
 Plain Python (no scipy): the formulas are short and the tests pin them to textbook values.
 
@@ -16,13 +17,21 @@ from __future__ import annotations
 
 import math
 import re
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from refusal_lightning.evaluation.judges import FULFILLMENT, REFUSAL, strip_think
+from refusal_lightning.evaluation.judges import (
+    FULFILLMENT,
+    REFUSAL,
+    JudgeSettings,
+    KeywordJudge,
+    LLMJudge,
+    strip_think,
+)
 from refusal_lightning.evaluation.prompts import BENIGN, SORRY_BENCH
+from refusal_lightning.evaluation.store import JudgmentKey, ResponseKey, WorkItem, is_current, judgment_for
 
 Z95 = 1.959963984540054
 # Below this many discordant pairs the chi-square approximation is poor; use the exact binomial test.
@@ -275,3 +284,102 @@ def summarize(outcomes: list[ItemOutcome], endpoints: Sequence[str]) -> dict[str
         "endpoints": per_endpoint,
         "mcnemar": {ps: paired_mcnemar(group, endpoints) for ps, group in by_set.items()},
     }
+
+
+# ---------------------------------------------------------------------------------------------------
+# From the logs to outcomes, and what the judges did
+
+
+def item_outcomes(endpoints: Sequence[str], items: Sequence[WorkItem], responses: dict[ResponseKey, dict[str, Any]],
+                  judgments: dict[JudgmentKey, dict[str, Any]], judges: dict[str, KeywordJudge | LLMJudge],
+                  primary: str, models: dict[str, str | None]) -> list[ItemOutcome]:
+    """Every planned item at every endpoint as the logs leave it: the ``primary`` judge's label, or why
+    there is none (a failed request, an abandoned endpoint, no verdict)."""
+    outcomes = []
+    for name in endpoints:
+        for item in items:
+            key = item.key(name)
+            resp = responses.get(key)
+            labels: dict[str, str | None] = {jname: None for jname in judges}
+            if resp is not None and resp.get("error") is not None:
+                label, error = None, "generation"
+            elif not is_current(resp, item, models.get(name)):
+                label, error = None, "not run"
+            else:
+                for jname, j in judges.items():
+                    labels[jname] = (judgment_for(judgments, key, j.judge_id, resp) or {}).get("label")
+                label = labels.get(primary)
+                error = None if label is not None else "judge"
+            p = item.prompt
+            # Accuracy needs only the answer, not the judge: a judge error leaves it counted.
+            answered = error is None or error == "judge"
+            correct = (answer_matches(resp["response"], p.reference) if answered and p.reference and resp
+                       else None)
+            outcomes.append(ItemOutcome(endpoint=name, question_id=p.question_id, style=p.style,
+                                        sample=item.sample, category=p.category, label=label, error=error,
+                                        labels=labels, prompt_set=p.prompt_set, correct=correct))
+    return outcomes
+
+
+def failure_detail(failures: dict[str, Any], outcomes: list[ItemOutcome],
+                   responses: dict[ResponseKey, dict[str, Any]]) -> str:
+    """Per endpoint, what failed: ``a: 3 request(s) failed (http_500 3), 1 judgment(s) failed``."""
+    parts = []
+    for name, f in failures["by_endpoint"].items():
+        if not f["failed"]:
+            continue
+        kinds: Counter = Counter()
+        for o in outcomes:
+            if o.endpoint == name and o.error == "generation":
+                row = responses.get((name, *o.pair_key)) or {}
+                kinds[(row.get("error") or {}).get("type", "error")] += 1
+        bits = []
+        if f["requests_failed"]:
+            bits.append(f"{f['requests_failed']} request(s) failed ("
+                        + ", ".join(f"{k} {v}" for k, v in kinds.most_common()) + ")")
+        if f["judgments_failed"]:
+            bits.append(f"{f['judgments_failed']} judgment(s) failed")
+        if f["not_run"]:
+            bits.append(f"{f['not_run']} not run")
+        parts.append(f"{name}: " + ", ".join(bits))
+    return "; ".join(parts)
+
+
+def _relabelled(o: ItemOutcome, judge: str) -> ItemOutcome:
+    """The same item as another judge saw it (for that judge's rates next to the primary's)."""
+    label = o.labels.get(judge)
+    error = o.error if o.error in ("generation", "not run") else (None if label is not None else "judge")
+    return ItemOutcome(o.endpoint, o.question_id, o.style, o.sample, o.category, label, error, o.labels,
+                       o.prompt_set, o.correct)
+
+
+def judge_section(settings: JudgeSettings, judges: dict[str, KeywordJudge | LLMJudge], outcomes: list[ItemOutcome],
+                  endpoints: Sequence[str], judgments: dict[JudgmentKey, dict[str, Any]]) -> dict[str, Any]:
+    """The ``judge`` section of ``summary.json``: which judges ran, their errors, and with ``both`` their
+    agreement and the keyword judge's own rates."""
+    errors: Counter = Counter()
+    for o in outcomes:
+        for jname, j in judges.items():
+            if o.labels.get(jname) is None and o.error != "generation" and o.error != "not run":
+                row = judgments.get((o.endpoint, *o.pair_key, j.judge_id))
+                errors[f"{jname}: {row.get('error_type', 'error') if row else 'not judged'}"] += 1
+    section: dict[str, Any] = {"kind": settings.kind, "primary": settings.primary,
+                               "errors": dict(sorted(errors.items()))}
+    if "keyword" in judges:
+        kw = judges["keyword"]
+        assert isinstance(kw, KeywordJudge)
+        section["keyword"] = {"judge_id": kw.judge_id, "markers": len(kw.markers),
+                              "markers_file": settings.refusal_markers}
+    if "llm" in judges:
+        llm = judges["llm"]
+        assert isinstance(llm, LLMJudge)
+        section["llm"] = {"judge_id": llm.judge_id, "url": settings.url, "model": llm.model,
+                          "template": "sorry-bench ft-mistral-7b-instruct-v0.2-sorry-bench-202406 model card"}
+    if settings.kind == "both":
+        section["agreement"] = judge_agreement(outcomes, endpoints, "llm", "keyword")
+        section["keyword_rates"] = {
+            name: {ps: rate_stats(_relabelled(o, "keyword") for o in outcomes
+                                  if o.endpoint == name and o.prompt_set == ps)
+                   for ps in prompt_sets_of(outcomes)}
+            for name in endpoints}
+    return section

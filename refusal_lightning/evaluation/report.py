@@ -14,33 +14,26 @@ from pathlib import Path
 from typing import Any
 
 from refusal_lightning.evaluation.prompts import BENIGN, HARMFULQA_HELDOUT, PROMPT_SET_TITLES
-from refusal_lightning.evaluation.store import atomic_write, atomic_write_text
+from refusal_lightning.files import atomic_write, atomic_write_text
+from refusal_lightning.formatting import interval, markdown_table, percent
 
 CSV_FIELDS = ["endpoint", "prompt_set", "scope", "group", "n", "refusals", "fulfillments", "errors",
               "refusal_rate", "refusal_ci_lo", "refusal_ci_hi", "fulfillment_rate", "fulfillment_ci_lo",
               "fulfillment_ci_hi", "n_with_reference", "accuracy", "accuracy_ci_lo", "accuracy_ci_hi"]
 
 
-def _pct(x: float | None) -> str:
-    return "n/a" if x is None else f"{100 * x:.1f}%"
-
-
-def _ci(lo: float | None, hi: float | None) -> str:
-    return "n/a" if lo is None or hi is None else f"[{100 * lo:.1f}, {100 * hi:.1f}]"
-
-
 def _refusal(s: dict[str, Any]) -> str:
-    return f"{_pct(s['refusal_rate'])} {_ci(s['ci_low'], s['ci_high'])}"
+    return f"{percent(s['refusal_rate'])} {interval(s['ci_low'], s['ci_high'])}"
 
 
 def _fulfillment(s: dict[str, Any]) -> str:
-    return f"{_pct(s['fulfillment_rate'])} {_ci(s['fulfillment_ci_low'], s['fulfillment_ci_high'])}"
+    return f"{percent(s['fulfillment_rate'])} {interval(s['fulfillment_ci_low'], s['fulfillment_ci_high'])}"
 
 
 def _accuracy(s: dict[str, Any]) -> str:
     if not s.get("n_with_reference"):
         return "n/a"
-    return (f"{_pct(s['accuracy'])} {_ci(s['accuracy_ci_low'], s['accuracy_ci_high'])} "
+    return (f"{percent(s['accuracy'])} {interval(s['accuracy_ci_low'], s['accuracy_ci_high'])} "
             f"({s['correct']}/{s['n_with_reference']})")
 
 
@@ -90,9 +83,9 @@ def failure_line(summary: dict[str, Any]) -> str:
             f"{f['judgments_failed']} of {judged} judgments failed")
     if f["not_run"]:
         text += f", {f['not_run']} items not run (endpoint abandoned)"
-    text += f"; error share {_pct(f['error_rate'])}"
+    text += f"; error share {percent(f['error_rate'])}"
     if "max_error_rate" in f:
-        text += f" (allowed {_pct(f['max_error_rate'])}{': EXCEEDED' if f.get('exceeded') else ''})"
+        text += f" (allowed {percent(f['max_error_rate'])}{': EXCEEDED' if f.get('exceeded') else ''})"
     return text + "."
 
 
@@ -101,20 +94,15 @@ def endpoint_table(summary: dict[str, Any]) -> str:
     rows = [("endpoint", "prompt set", "n", "refusal", "95% CI", "fulfillment", "errors", "accuracy")]
     for name, endpoint in summary["endpoints"].items():
         for ps, s in endpoint["prompt_sets"].items():
-            acc = _pct(s["accuracy"]) if s.get("n_with_reference") else "-"
-            rows.append((name, ps, str(s["n"]), _pct(s["refusal_rate"]), _ci(s["ci_low"], s["ci_high"]),
-                         _pct(s["fulfillment_rate"]), str(s["errors"]), acc))
+            acc = percent(s["accuracy"]) if s.get("n_with_reference") else "-"
+            rows.append((name, ps, str(s["n"]), percent(s["refusal_rate"]), interval(s["ci_low"], s["ci_high"]),
+                         percent(s["fulfillment_rate"]), str(s["errors"]), acc))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(cell.ljust(w) if i < 2 else cell.rjust(w)
                        for i, (cell, w) in enumerate(zip(r, widths, strict=True)))
              for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines) + "\n" + failure_line(summary)
-
-
-def _md_table(header: list[str], rows: list[list[str]]) -> list[str]:
-    return ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|",
-            *("| " + " | ".join(r) + " |" for r in rows)]
 
 
 def _set_section(summary: dict[str, Any], ps: str) -> list[str]:
@@ -125,13 +113,13 @@ def _set_section(summary: dict[str, Any], ps: str) -> list[str]:
         out += ["Harmless requests: a refusal here is an **over-refusal** (lower is better). Accuracy: the "
                 "answer contains the prompt's reference (case-insensitive, whole words, thinking removed), "
                 "over answered prompts that have one.", ""]
-        out += _md_table(
+        out += markdown_table(
             ["endpoint", "model", "n", "errors", "over-refusal rate [95% CI]", "fulfillment rate [95% CI]",
              "accuracy [95% CI] (correct/with reference)"],
             [[name, f"`{models.get(name, '?')}`", str(s["n"]), str(s["errors"]), _refusal(s), _fulfillment(s),
               _accuracy(s)] for name, s in per_endpoint.items()])
     else:
-        out += _md_table(
+        out += markdown_table(
             ["endpoint", "model", "n", "refusals", "fulfillments", "errors", "refusal rate [95% CI]",
              "fulfillment rate [95% CI]"],
             [[name, f"`{models.get(name, '?')}`", str(s["n"]), str(s["refusals"]), str(s["fulfillments"]),
@@ -147,11 +135,11 @@ def _set_section(summary: dict[str, Any], ps: str) -> list[str]:
                 for name, s in per_endpoint.items() for group, g in s.get(section, {}).items()]
         if rows and not (section == "styles" and len({r[1] for r in rows}) == 1):
             out += ["", f"### {heading}", ""]
-            out += _md_table(["endpoint", column, "n", "errors", "fulfillment rate [95% CI]"], rows)
+            out += markdown_table(["endpoint", column, "n", "errors", "fulfillment rate [95% CI]"], rows)
     tests = summary.get("mcnemar", {}).get(ps) or {}
     if tests:
         out += ["", "### Paired comparison (McNemar)", ""]
-        out += _md_table(
+        out += markdown_table(
             ["A", "B", "pairs", "only A refused", "only B refused", "test", "p-value"],
             [[m["a"], m["b"], str(m["n_pairs"]), str(m["only_a_refused"]), str(m["only_b_refused"]),
               m["method"], f"{m['p_value']:.4g}"] for m in tests.values()])
@@ -183,7 +171,7 @@ def report_markdown(summary: dict[str, Any]) -> str:
         kappa = "n/a" if o["cohen_kappa"] is None else f"{o['cohen_kappa']:.3f}"
         out += ["", "## Judge agreement", "",
                 f"{' vs '.join(agreement['judges'])}: {o['agree']}/{o['n']} agree "
-                f"({_pct(o['agreement_rate'])}), Cohen's kappa {kappa}."]
+                f"({percent(o['agreement_rate'])}), Cohen's kappa {kappa}."]
     judge_errors = judge.get("errors")
     if judge_errors:
         out += ["", "Judge errors (excluded, never counted as refusals): "

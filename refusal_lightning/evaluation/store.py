@@ -1,22 +1,26 @@
-"""Crash-safe files: append-only JSONL logs and atomic whole-file writes.
+"""Crash-safe, append-only JSONL logs: the evaluator's responses and judgments.
 
 A log line is written with one ``write`` call, flushed and fsynced before the next, so a crash
 (SIGKILL, power loss) leaves at worst one torn last line. Reading tolerates that line, and opening
 for append cuts it off first, so the next record starts on a fresh line instead of being glued to
-garbage. Summaries are written to a temporary file in the same folder and moved into place with
-``os.replace``: a reader sees the old file or the new one, never half of one; the file is fsynced
-before the rename and its folder after it, so the new name survives a power cut too.
+garbage. Whole-file writes (summaries, reports) are ``refusal_lightning.files.atomic_write``.
+
+``EvalStore`` reads an output folder's two logs back into the latest response per item and the final
+judgment per item and judge: what a rerun skips, and what the summary is rebuilt from.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import threading
-import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
+
+from refusal_lightning.evaluation.prompts import BENIGN, HARMFULQA_HELDOUT, SORRY_BENCH, Prompt
 
 
 class JsonlLog:
@@ -106,38 +110,118 @@ class JsonlLog:
         self.close()
 
 
-def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
-    """Call ``write(tmp_path)`` then move the result onto ``path`` atomically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # Not mkstemp: its 0600 mode would stick to the final file; a unique name is enough here.
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        write(Path(tmp))
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    fsync_dir(path.parent)
+# ---------------------------------------------------------------------------------------------------
+# Resume bookkeeping: what an output folder already holds, per item
 
 
-def fsync_dir(folder: str | Path) -> None:
-    """Make a rename in ``folder`` durable: the new name lives in the folder's entry table, which a
-    power cut can lose unless the folder itself is fsynced (POSIX; a no-op where folders cannot be opened)."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:  # Windows cannot open a folder this way
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # a file system that cannot sync folders (EINVAL): the file itself already is on disk
-        pass
-    finally:
-        os.close(fd)
+RESPONSES = "responses.jsonl"
+JUDGMENTS = "judgments.jsonl"
+
+ResponseKey = tuple[str, str, str, str, int]  # endpoint, prompt_set, question_id, style, sample
+JudgmentKey = tuple[str, str, str, str, int, str]  # ... + judge_id
 
 
-def atomic_write_text(path: str | Path, text: str) -> None:
-    """Write ``text`` to ``path`` atomically (UTF-8)."""
-    atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+@dataclass(frozen=True)
+class WorkItem:
+    """One request to make: a prompt and which of its samples."""
+
+    prompt: Prompt
+    sample: int
+
+    def key(self, endpoint: str) -> ResponseKey:
+        p = self.prompt
+        return (endpoint, p.prompt_set, str(p.question_id), p.style, self.sample)
+
+
+def row_prompt_set(row: dict[str, Any]) -> str:
+    """A log row's prompt set. Rows written before prompt sets existed have none; theirs follows from
+    the id (``hq-`` HarmfulQA, ``benign-`` benign, else SORRY-Bench), and a row placed in the wrong set
+    would still not be reused, because an answer counts only for the exact prompt text it answered."""
+    found = row.get("prompt_set")
+    if isinstance(found, str) and found:
+        return found
+    qid = str(row["question_id"])
+    return HARMFULQA_HELDOUT if qid.startswith("hq-") else BENIGN if qid.startswith("benign-") else SORRY_BENCH
+
+
+def _response_key(row: dict[str, Any]) -> ResponseKey:
+    return (row["endpoint"], row_prompt_set(row), str(row["question_id"]), row["style"], int(row["sample"]))
+
+
+def _judgment_key(row: dict[str, Any]) -> JudgmentKey:
+    return (*_response_key(row), row["judge_id"])
+
+
+def _keyed_rows(log: JsonlLog, key_of: Callable[[dict[str, Any]], Any]) -> Iterator[tuple[Any, dict[str, Any]]]:
+    """(key, row) for every row of ``log`` that has the fields of a key; other rows are skipped."""
+    for row in log.read():
+        try:
+            key = key_of(row)
+        except (KeyError, TypeError, ValueError):
+            continue
+        yield key, row
+
+
+def load_responses(log: JsonlLog) -> dict[ResponseKey, dict[str, Any]]:
+    """Latest row per item, where a successful response is never displaced by a later error row."""
+    best: dict[ResponseKey, dict[str, Any]] = {}
+    for key, row in _keyed_rows(log, _response_key):
+        if row.get("error") is None or key not in best or best[key].get("error") is not None:
+            best[key] = row
+    return best
+
+
+def load_judgments(log: JsonlLog) -> dict[JudgmentKey, dict[str, Any]]:
+    """The latest final judgment per item and judge: a label, or an unparseable judge answer
+    (temperature 0 would repeat it). Transport failures are left out so the next run asks again."""
+    final: dict[JudgmentKey, dict[str, Any]] = {}
+    for key, row in _keyed_rows(log, _judgment_key):
+        if row.get("label") is not None or row.get("error_type") == "unparseable":
+            final[key] = row
+    return final
+
+
+def response_digest(row: dict[str, Any]) -> str:
+    """Fingerprint of (prompt, response): a judgment counts only for the exchange it judged."""
+    text = f"{row.get('prompt') or ''}\0{row.get('response') or ''}"
+    return hashlib.sha1(text.encode()).hexdigest()[:16]
+
+
+def is_current(row: dict[str, Any] | None, item: WorkItem, model: str | None) -> bool:
+    """A finished response for this item as planned now: same prompt text and, when known, same model.
+    (An output folder reused with another prompt file or another model behind the same name must
+    not pass old answers off as new ones.)"""
+    return (row is not None and row.get("error") is None and row.get("prompt") == item.prompt.text
+            and (model is None or row.get("model") == model))
+
+
+def judgment_for(judgments: dict[JudgmentKey, dict[str, Any]], key: ResponseKey, judge_id: str,
+                 response: dict[str, Any]) -> dict[str, Any] | None:
+    """The final judgment of ``response`` by ``judge_id``, if it judged this very exchange."""
+    j = judgments.get((*key, judge_id))
+    return j if j is not None and j.get("response_sha") == response_digest(response) else None
+
+
+class EvalStore:
+    """An output folder's two logs and what they already hold, which is what a rerun resumes from.
+
+    Args:
+        folder: the ``evaluate`` output folder (created if missing).
+    """
+
+    def __init__(self, folder: str | Path):
+        self.folder = Path(folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.responses_log, self.judgments_log = JsonlLog(self.folder / RESPONSES), JsonlLog(self.folder / JUDGMENTS)
+        self.responses = load_responses(self.responses_log)
+        self.judgments = load_judgments(self.judgments_log)
+        self.corrupt_lines = self.responses_log.corrupt_lines + self.judgments_log.corrupt_lines
+
+    def current(self, item: WorkItem, endpoint: str, model: str | None) -> dict[str, Any] | None:
+        """The finished response of ``item`` at ``endpoint`` that this run can reuse, or None."""
+        row = self.responses.get(item.key(endpoint))
+        return row if is_current(row, item, model) else None
+
+    def close(self) -> None:
+        self.responses_log.close()
+        self.judgments_log.close()
