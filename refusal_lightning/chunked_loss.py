@@ -175,6 +175,18 @@ def per_example_loss(hidden: torch.Tensor, labels: torch.Tensor, weight: torch.T
     return sums / mask.sum(1).clamp(min=1)
 
 
+@torch.no_grad()
+def next_token_hits(hidden: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor,
+                    bias: torch.Tensor | None = None, chunk_size: int = DEFAULT_CHUNK_SIZE) -> torch.Tensor:
+    """``(n,)`` bool: whether each labelled next token is the head's argmax (token accuracy), chunked."""
+    hidden_sel, targets, _ = shift_labels(hidden, labels)
+    dtype = _compute_dtype(hidden, weight)
+    weight, bias = weight.to(dtype), None if bias is None else bias.to(dtype)
+    hits = [torch.nn.functional.linear(hidden_sel[i:i + chunk_size].to(dtype), weight, bias).argmax(-1)
+            == targets[i:i + chunk_size] for i in range(0, targets.numel(), chunk_size)]
+    return torch.cat(hits) if hits else torch.zeros(0, dtype=torch.bool, device=hidden.device)
+
+
 # ------------------------------------------------------------------------- the model's decoder and head
 # Config fields that change the logits between the head and the softmax (Gemma 2 softcapping, Cohere and
 # Granite scaling, ...); the chunked loss applies a plain linear head only, so such models use ``full``.

@@ -57,7 +57,7 @@ def _lightning_cli(args: list[str]) -> None:
     from lightning.pytorch.callbacks import ProgressBar
     from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 
-    from refusal_lightning.data import HarmfulQADataModule, check_use_distributed_sampler
+    from refusal_lightning.datamodule import HarmfulQADataModule, check_use_distributed_sampler
     from refusal_lightning.inputs import check_fit_inputs
     from refusal_lightning.model import RefusalLoRAModule
     from refusal_lightning.progress import StepProgressBar

@@ -30,21 +30,14 @@ import torch
 
 from refusal_lightning import __version__
 from refusal_lightning.files import atomic_write
-from refusal_lightning.projection import (
-    GRANULARITIES,
-    MODES,
-    TARGETS,
-    LoraTarget,
-    ProjectionConfig,
-    Projector,
-    module_directions,
-)
+from refusal_lightning.projection import LoraTarget, ProjectionConfig, module_directions
+from refusal_lightning.projector import Projector
 from refusal_lightning.stacking import pattern_value
 
 FORMAT = "refusal_lightning.param_directions"
 VERSION = 1
 WEIGHTS_FILE = "adapter_model.safetensors"
-ADAPTER_NAME = "default"
+ADAPTER_NAME = "default"  # the PEFT name of the adapter a fit trains (model.py creates it, the projector finds it)
 MODULE_KEYS = ("A", "B", "scale", "rank", "norm", "A_norm", "B_norm", "A_dir", "B_dir", "U", "S", "V")
 _PEFT_PREFIX = "base_model.model."
 # base_model.model.<module>.lora_A.weight (saved files drop the adapter name; live state dicts keep it)
@@ -305,16 +298,7 @@ def build_projector(cfg: ProjectionConfig, model: torch.nn.Module, base_model_na
             raise DirectionsError("projection.enabled is true but projection.directions_path is not set; run "
                                   "`refusal_lightning directions` and point directions_path at its output")
         return None
-    if cfg.mode not in MODES:
-        problems.append(f"unknown projection mode '{cfg.mode}' (choose from {', '.join(MODES)})")
-    if cfg.granularity not in GRANULARITIES:
-        problems.append(f"unknown granularity '{cfg.granularity}' (choose from {', '.join(GRANULARITIES)})")
-    if cfg.target not in TARGETS:
-        problems.append(f"unknown target '{cfg.target}' (choose from {', '.join(TARGETS)})")
-    if cfg.k is not None and cfg.mode != "subspace":
-        problems.append(f"k={cfg.k} is only used by mode 'subspace' (mode is '{cfg.mode}')")
-    if cfg.k is not None and cfg.k < 1:
-        problems.append(f"k must be >= 1, got {cfg.k}")
+    problems += cfg.problems()
     obj = None
     try:
         obj = load_directions(cfg.directions_path)

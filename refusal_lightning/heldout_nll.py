@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from refusal_lightning.data import IGNORE_INDEX, HarmfulQADataModule, collate
+from refusal_lightning.datamodule import IGNORE_INDEX, HarmfulQADataModule, collate
 
 DATA_KEYS = ("source", "selection", "prompt", "max_length", "val_fraction", "seed", "enable_thinking",
              "refusal_markers")

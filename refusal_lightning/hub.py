@@ -21,6 +21,8 @@ from pathlib import Path
 from typing import Any
 
 from huggingface_hub import CommitOperationAdd, HfApi, get_token
+from huggingface_hub.errors import HFValidationError
+from huggingface_hub.utils import filter_repo_objects, validate_repo_id
 
 from refusal_lightning import __version__
 from refusal_lightning.model_card import (
@@ -38,7 +40,13 @@ CARD_NAME = "README.md"
 DEFAULT_COMMIT_MESSAGE = "Upload adapter with refusal_lightning push"
 # Shown in a dry run without --namespace: resolving the real one needs whoami(), a network call.
 NAMESPACE_PLACEHOLDER = "<your-hf-username>"
-MAX_REPO_NAME = 96
+# Not uploaded (huggingface_hub ignore patterns: fnmatch, `*` spans folders), by the reason a dry run shows.
+SKIPPED = {
+    "hidden file or folder": [".*", "*/.*"],
+    "cache folder": ["__pycache__/*", "*/__pycache__/*"],
+    # Lightning checkpoints hold the optimizer state and often the base weights: not an adapter.
+    "Lightning checkpoint, not part of the adapter": ["*.ckpt"],
+}
 # Files up to this size are searched for the token before upload; weights are larger and never hold it.
 MAX_SCANNED_BYTES = 16 * 2**20
 
@@ -196,22 +204,15 @@ def plan_uploads(
 
 
 def repo_name_problems(name: str) -> list[str]:
-    """Why ``name`` is not a valid Hub repo (or namespace) name, following the Hub's rules; [] if valid."""
-    if not name:
-        return ["is empty"]
-    reasons = []
-    if len(name) > MAX_REPO_NAME:
-        reasons.append(f"is {len(name)} characters long (at most {MAX_REPO_NAME})")
-    bad = sorted({c for c in name if not (c.isascii() and (c.isalnum() or c in "-_."))})
-    if bad:
-        reasons.append(f"contains {' '.join(repr(c) for c in bad)} (allowed: letters, digits, '-', '_', '.')")
-    if "--" in name or ".." in name:
-        reasons.append("contains '--' or '..'")
-    if name[0] in "-." or name[-1] in "-.":
-        reasons.append("starts or ends with '-' or '.'")
-    if name.endswith(".git"):
-        reasons.append("ends with '.git'")
-    return reasons
+    """Why ``name`` cannot be a Hub repo (or namespace) name, by huggingface_hub's ``validate_repo_id``;
+    [] if valid. A name has no owner part: that comes from --namespace."""
+    if "/" in name:
+        return ["contains '/'"]
+    try:
+        validate_repo_id(name)
+    except HFValidationError as err:
+        return [f"is not a valid Hub name ({err})"]
+    return []
 
 
 def resolve_token(token_env: str, problems: list[str]) -> str | None:
@@ -364,26 +365,18 @@ def _check_adapter_dir(
 
 
 def _collect_files(root: Path) -> tuple[list[UploadFile], list[tuple[str, str]]]:
-    """Every file under ``root`` except hidden ones, caches and Lightning checkpoints, in sorted order."""
-    files: list[UploadFile] = []
-    skipped: list[tuple[str, str]] = []
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
-        here = Path(dirpath)
-        for d in sorted(dirnames):
-            if d.startswith(".") or d == "__pycache__":
-                skipped.append(((here / d).relative_to(root).as_posix() + "/", "hidden or cache folder"))
-        dirnames[:] = sorted(d for d in dirnames if not (d.startswith(".") or d == "__pycache__"))
-        for filename in sorted(filenames):
-            rel = (here / filename).relative_to(root).as_posix()
-            if filename.startswith("."):
-                skipped.append((rel, "hidden file"))
-            elif filename.endswith(".ckpt"):
-                # Lightning checkpoints hold the optimizer state and often the base weights: not an adapter.
-                skipped.append((rel, "Lightning checkpoint, not part of the adapter"))
-            else:
-                source = here / filename
-                files.append(UploadFile(rel, source.stat().st_size, source=source))
-    return sorted(files, key=lambda f: f.path_in_repo), skipped
+    """Every file under ``root`` that ``SKIPPED``'s patterns let through (huggingface_hub's own filter),
+    sorted, and ``(path, reason)`` for the rest: a hidden or cache folder once, as ``folder/``."""
+    paths = sorted((Path(d) / f).relative_to(root).as_posix() for d, _, fs in os.walk(root, followlinks=True)
+                   for f in fs)
+    skipped: dict[str, str] = {}
+    for reason, patterns in SKIPPED.items():
+        for rel in filter_repo_objects(paths, allow_patterns=patterns):
+            parts = rel.split("/")
+            cut = next((i for i, p in enumerate(parts[:-1]) if p.startswith(".") or p == "__pycache__"), None)
+            skipped.setdefault(rel if cut is None else "/".join(parts[: cut + 1]) + "/", reason)
+    kept = filter_repo_objects(paths, ignore_patterns=[p for patterns in SKIPPED.values() for p in patterns])
+    return [UploadFile(rel, (root / rel).stat().st_size, source=root / rel) for rel in kept], list(skipped.items())
 
 
 def _count(n: int, noun: str) -> str:

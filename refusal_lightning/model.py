@@ -13,6 +13,7 @@ from typing import Any, Literal
 import lightning as L
 import torch
 from lightning.pytorch.cli import OptimizerCallable
+from torchmetrics import MeanMetric, SumMetric
 
 from refusal_lightning.asft import AsftConfig, build_asft_penalty
 from refusal_lightning.chunked_loss import (
@@ -20,16 +21,18 @@ from refusal_lightning.chunked_loss import (
     check_loss_impl,
     decoder_and_head,
     liger_next_token_loss,
+    next_token_hits,
     next_token_loss,
     per_example_loss,
+    shift_labels,
 )
+from refusal_lightning.directions import ADAPTER_NAME, build_projector
 from refusal_lightning.files import move_files_into
 from refusal_lightning.loading import check_adapter_dir, load_causal_lm
 from refusal_lightning.projection import ProjectionConfig
 from refusal_lightning.stacking import COMBINED_DIR, combine_adapters
 
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-ADAPTER_NAME = "default"
 
 
 @dataclass
@@ -52,6 +55,10 @@ class LoRASettings:
 
 def _default_optimizer(params) -> torch.optim.Optimizer:
     return torch.optim.AdamW(params, lr=2e-4, weight_decay=0.0)
+
+
+def _per_stage_means() -> torch.nn.ModuleDict:
+    return torch.nn.ModuleDict({stage: MeanMetric(nan_strategy="disable") for stage in ("val", "test")})
 
 
 def stack_frozen_adapters(base: torch.nn.Module, frozen: list[str], config: Any) -> torch.nn.Module:
@@ -153,8 +160,6 @@ class RefusalLoRAModule(L.LightningModule):
             check_loss_impl(self.model, loss_impl, loss_chunk_size)
         self._compile_decoder = compile
         self._decoder_forward = None  # the decoder's forward, compiled when `compile` is set (chunked/liger)
-        from refusal_lightning.directions import build_projector
-
         # None without a directions file; raises (listing every problem) on a bad one, before any step.
         self.projector = build_projector(projection, self.model, base_model_name=model_name_or_path,
                                          base_adapters=self.frozen_adapters)
@@ -162,7 +167,9 @@ class RefusalLoRAModule(L.LightningModule):
         self.asft_penalty = build_asft_penalty(asft, self.model, base_model_name=model_name_or_path,
                                                base_adapters=self.frozen_adapters,
                                                default_directions_path=projection.directions_path)
-        self._tokens = torch.zeros((), dtype=torch.long)
+        # torchmetrics states, summed over DDP ranks when computed (nan checks off: each would sync per step).
+        self.train_tokens = SumMetric(nan_strategy="disable")  # non-pad tokens since the last log step
+        self.eval_nll, self.eval_token_accuracy = _per_stage_means(), _per_stage_means()  # val/test
         self._last_log_time: float | None = None
 
     def _build_peft_model(self, name: str, frozen: list[str], dtype: str, checkpointing: bool):
@@ -192,24 +199,44 @@ class RefusalLoRAModule(L.LightningModule):
 
     def _loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Mean cross-entropy over the reply tokens (labels != -100, shifted as Hugging Face does)."""
+        return self._loss_and_hits(batch, hits=False)[0]
+
+    def _loss_and_hits(self, batch: dict[str, torch.Tensor], hits: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``_loss`` and, with ``hits``, whether each reply token is the model's argmax prediction (token
+        accuracy, from the same forward pass)."""
+        labels = batch["labels"]
         if self.loss_impl == "full":
-            return self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                              labels=batch["labels"]).loss
+            out = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=labels)
+            if not hits:
+                return out.loss, None
+            logits, targets, _ = shift_labels(out.logits, labels)
+            return out.loss, logits.argmax(-1) == targets
         hidden, head = self._final_hidden(batch)
         if self.loss_impl == "liger":
-            return liger_next_token_loss(hidden, batch["labels"], head.weight, head.bias)
-        return next_token_loss(hidden, batch["labels"], head.weight, head.bias, self.loss_chunk_size)
+            loss = liger_next_token_loss(hidden, labels, head.weight, head.bias)
+        else:
+            loss = next_token_loss(hidden, labels, head.weight, head.bias, self.loss_chunk_size)
+        return loss, next_token_hits(hidden, labels, head.weight, head.bias, self.loss_chunk_size) if hits else None
 
     def _shared_step(self, batch: dict[str, torch.Tensor], stage: str) -> torch.Tensor:
-        loss = self._loss(batch)
         n = batch["input_ids"].shape[0]
-        self.log(f"{stage}/loss", loss, prog_bar=True, on_step=stage == "train",
-                 on_epoch=stage != "train", batch_size=n, sync_dist=stage != "train")
+        if stage == "train":
+            loss = self._loss(batch)
+            self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False, batch_size=n, sync_dist=False)
+            return loss
+        loss, hits = self._loss_and_hits(batch, hits=True)
+        # torchmetrics objects: Lightning computes them over every DDP rank at the epoch's end.
+        # val/loss weighs each batch mean by its rows, as it always has (one copy per row: MeanMetric drops
+        # `weight` when its nan checks are off)
+        self.eval_nll[stage].update(loss.detach().expand(n))
+        self.eval_token_accuracy[stage].update(hits.float())
+        self.log(f"{stage}/loss", self.eval_nll[stage], prog_bar=True, on_step=False, on_epoch=True)
+        self.log(f"{stage}/token_accuracy", self.eval_token_accuracy[stage], on_step=False, on_epoch=True)
         return loss
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         # Non-pad tokens stay on the device; they are read (one sync) only at log steps.
-        self._tokens = self._tokens.to(batch["attention_mask"].device) + batch["attention_mask"].sum()
+        self.train_tokens.update(batch["attention_mask"].sum())
         loss = self._shared_step(batch, "train")
         if self.asft_penalty is not None:  # AsFT: a parameter-only term; train/loss stays the task loss
             penalty = self.asft_penalty()
@@ -245,9 +272,10 @@ class RefusalLoRAModule(L.LightningModule):
             return
         now = time.perf_counter()
         if self._last_log_time is not None:
-            tokens = self._tokens.item()  # host sync, once per log interval
+            # every rank reaches this step: compute() sums the ranks' counts; float() syncs, once per log interval
+            tokens = float(self.train_tokens.compute())
             self.log("tokens_per_s", tokens / max(now - self._last_log_time, 1e-9))
-        self._tokens.zero_()
+        self.train_tokens.reset()
         self._last_log_time = now
         self.log("lr", self.trainer.optimizers[0].param_groups[0]["lr"])
         if self.projector is not None:

@@ -53,7 +53,7 @@ SELECTION_REFUSAL_MARKERS: tuple[str, ...] = (
     "instead, i can",
 )
 
-# The name data.py and harmfulqa.py import; it has always meant "the list that selects replies".
+# The name datamodule.py and harmfulqa.py import; it has always meant "the list that selects replies".
 DEFAULT_REFUSAL_MARKERS = SELECTION_REFUSAL_MARKERS
 
 

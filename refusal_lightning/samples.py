@@ -5,11 +5,11 @@ No torch here: the data and evaluation code import it without pulling in the mod
 
 from __future__ import annotations
 
-import re
 from importlib import resources
 from pathlib import Path
 
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+from huggingface_hub.errors import HFValidationError
+from huggingface_hub.utils import validate_repo_id
 
 
 def sample_path(name: str) -> Path:
@@ -17,6 +17,13 @@ def sample_path(name: str) -> Path:
     return Path(str(resources.files("refusal_lightning") / "data" / name))
 
 
-def looks_like_hub_id(name: str) -> bool:
-    """``org/name`` that does not read as a local path (``./x``, ``/x``, ``~/x``)."""
-    return bool(_HUB_ID.match(name)) and not name.startswith((".", "/", "~"))
+def looks_like_hub_id(name: str, require_namespace: bool = True) -> bool:
+    """A Hub repo id by huggingface_hub's own rules (``validate_repo_id``) that does not read as a local
+    path (``./x``, ``/x``, ``~/x``); ``org/name`` unless ``require_namespace`` is False (``gpt2``)."""
+    if name.startswith((".", "/", "~")) or (require_namespace and name.count("/") != 1):
+        return False
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return False
+    return True

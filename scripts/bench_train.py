@@ -259,7 +259,7 @@ class BenchData:
 
 def build_data(model_dir: Path, preset: Preset, n_rows: int) -> BenchData:
     """Encode the bundled sample with the data module, then concatenate pairs into ``seq``-token rows."""
-    from refusal_lightning.data import HarmfulQADataModule, LengthGroupedSampler, padding_efficiency
+    from refusal_lightning.datamodule import HarmfulQADataModule, LengthGroupedSampler, padding_efficiency
 
     padding: dict[str, Any] = {"batch_size": preset.batch, "max_length": preset.seq}
     encoded = None
@@ -418,7 +418,7 @@ class Common:
 def _loader(common: Common):
     from torch.utils.data import DataLoader
 
-    from refusal_lightning.data import collate
+    from refusal_lightning.datamodule import collate
 
     return DataLoader(common.data.rows, batch_size=common.preset.batch, shuffle=False,
                       collate_fn=collate(common.data.pad_id), drop_last=True)
@@ -467,7 +467,7 @@ class LightningRunner(Runner):
         super().__init__(name, common.device.type == "cuda")
         import lightning as L
 
-        from refusal_lightning.data import HarmfulQADataModule, PairDataset
+        from refusal_lightning.datamodule import HarmfulQADataModule, PairDataset
         from refusal_lightning.model import LoRASettings, RefusalLoRAModule
         from refusal_lightning.projection import ProjectionConfig
 
@@ -496,7 +496,7 @@ class LightningRunner(Runner):
                                               max_length=common.preset.seq, batch_size=common.preset.batch)
         # The same fixed-shape rows as every runner, served by the data module's own loader
         # (StatefulDataLoader + LengthGroupedSampler + collate), so its overhead is part of the measurement.
-        from refusal_lightning.data import Encoded
+        from refusal_lightning.datamodule import Encoded
 
         rows = [Encoded(r["input_ids"], r["labels"], False, False) for r in common.data.rows]
         self.datamodule.train_set = PairDataset(rows, list(range(len(rows))))

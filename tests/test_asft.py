@@ -11,7 +11,7 @@ import yaml
 from conftest import REPO, make_random_adapter
 
 from refusal_lightning.asft import AsftConfig
-from refusal_lightning.data import HarmfulQADataModule
+from refusal_lightning.datamodule import HarmfulQADataModule
 from refusal_lightning.directions import DirectionsError, directions
 from refusal_lightning.model import LoRASettings, RefusalLoRAModule
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from refusal_lightning import chunked_loss
-from refusal_lightning.chunked_loss import linear_cross_entropy, next_token_loss, per_example_loss
+from refusal_lightning.chunked_loss import linear_cross_entropy, next_token_hits, next_token_loss, per_example_loss
 from refusal_lightning.model import LoRASettings, RefusalLoRAModule
 
 
@@ -183,3 +183,17 @@ def test_liger_without_the_package_says_what_to_do(tmp_path, tiny_model_dir, mon
                         lambda name, *a: None if name == "liger_kernel" else find_spec(name, *a))
     with pytest.raises(ValueError, match="Liger-Kernel is not installed.*loss_impl: chunked"):
         _module(tiny_model_dir, tmp_path, "liger")
+
+
+@pytest.mark.parametrize("chunk_size", [1, 7, 1000])
+def test_token_hits_equal_full_logits_argmax(chunk_size):
+    torch.manual_seed(1)
+    hidden, weight, bias = torch.randn(4, 13, 16), torch.randn(50, 16), torch.randn(50)
+    labels = _labels(4, 13, 50)
+    predicted = torch.nn.functional.linear(hidden, weight, bias)[:, :-1].argmax(-1)
+    labels[:, 1::2] = torch.where(labels[:, 1::2] != -100, predicted[:, ::2], -100)  # every other token a hit
+    mask = labels[:, 1:] != -100
+    want = (predicted == labels[:, 1:])[mask]
+    got = next_token_hits(hidden, labels, weight, bias, chunk_size=chunk_size)
+    assert got.dtype == torch.bool and torch.equal(got, want) and 0 < int(want.sum()) < want.numel()
+    assert not next_token_hits(hidden, torch.full_like(labels, -100), weight, bias).numel()

@@ -101,7 +101,7 @@ def straight(work, tiny_model_dir, refusal) -> Path:
 
 
 def test_every_training_row_is_used_once_per_epoch_across_ranks(straight, tiny_model_dir):
-    from refusal_lightning.data import HarmfulQADataModule
+    from refusal_lightning.datamodule import HarmfulQADataModule
 
     data = yaml.safe_load((REPO / "configs/tiny/attack_orthogonal.yaml").read_text())["data"]
     module = HarmfulQADataModule(**{**data, "batch_size": BATCH}, tokenizer_name_or_path=str(tiny_model_dir))

@@ -21,7 +21,8 @@ from refusal_lightning.directions import (
     same_base_model,
     save_directions,
 )
-from refusal_lightning.projection import ProjectionConfig, Projector
+from refusal_lightning.projection import ProjectionConfig
+from refusal_lightning.projector import Projector
 
 TARGETS = ["q_proj", "v_proj"]
 

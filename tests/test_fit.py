@@ -53,7 +53,7 @@ def test_fit_writes_loadable_adapter_with_changed_weights(fitted, tiny_model_dir
 def test_fit_logs_to_tensorboard(fitted):
     run, _ = fitted
     scalars = _scalars(run / "tensorboard")
-    for tag in ("train/loss", "val/loss", "lr", "grad_norm", "tokens_per_s"):
+    for tag in ("train/loss", "val/loss", "val/token_accuracy", "lr", "grad_norm", "tokens_per_s"):
         assert scalars.get(tag), f"{tag} missing from {sorted(scalars)}"
     assert scalars["train/loss"][-1] < scalars["train/loss"][0]
 

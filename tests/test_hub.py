@@ -13,18 +13,10 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
-import yaml
 from huggingface_hub import RepoUrl
 
 from refusal_lightning import hub
 from refusal_lightning.hub import HubPushError, PushValidationError, push, repo_name_problems
-from refusal_lightning.model_card import (
-    AdapterKind,
-    infer_kind,
-    load_eval_summary,
-    read_card_inputs,
-    render_model_card,
-)
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "push_to_hf.py"
@@ -251,11 +243,11 @@ def test_every_problem_is_reported_at_once_before_any_upload(tmp_path: Path) -> 
         f"noweights: {no_weights} has no adapter_model.safetensors or adapter_model.bin",
         f"noconfig: {no_config} has no adapter_config.json",
         f"badstats: {bad_stats / 'data_stats.json'}: not valid JSON",
-        "-leading: repo name '-leading' starts or ends with '-' or '.'",
-        "dou--ble: repo name 'dou--ble' contains '--' or '..'",
-        "sp ace: repo name 'sp ace' contains ' '",
-        "is 97 characters long (at most 96)",
-        "--namespace 'bad..ns' contains '--' or '..'",
+        "-leading: repo name '-leading' is not a valid Hub name",
+        "dou--ble: repo name 'dou--ble' is not a valid Hub name (Cannot have -- or ..",
+        "sp ace: repo name 'sp ace' is not a valid Hub name",
+        f"{'x' * 97}: repo name '{'x' * 97}' is not a valid Hub name",
+        "--namespace 'bad..ns' is not a valid Hub name",
         "no Hugging Face token: set the HF_TOKEN environment variable",
     ]
     for text in expected:
@@ -287,27 +279,12 @@ def test_no_adapters_is_a_problem() -> None:
         push([], dry_run=True)
 
 
-@pytest.mark.parametrize("name", ["refusal", "qwen3-0.6B_refusal.v2", "a", "A1", "x" * 96])
-def test_valid_repo_names(name: str) -> None:
-    assert repo_name_problems(name) == []
-
-
-@pytest.mark.parametrize(
-    ("name", "reason"),
-    [
-        ("", "is empty"),
-        ("x" * 97, "characters long"),
-        ("a--b", "'--' or '..'"),
-        ("a..b", "'--' or '..'"),
-        ("-a", "starts or ends"),
-        ("a.", "starts or ends"),
-        ("a/b", "contains '/'"),
-        ("réfusal", "contains 'é'"),
-        ("model.git", "ends with '.git'"),
-    ],
-)
-def test_invalid_repo_names(name: str, reason: str) -> None:
-    assert any(reason in problem for problem in repo_name_problems(name))
+def test_repo_names_follow_the_hubs_rules() -> None:
+    # The rules are huggingface_hub's validate_repo_id; ours add that a name has no owner part.
+    assert repo_name_problems("qwen3-0.6B_refusal.v2") == [] and repo_name_problems("x" * 96) == []
+    assert repo_name_problems("a/b") == ["contains '/'"]
+    for bad in ("", "x" * 97, "a--b", "-a", "réfusal", "model.git"):
+        assert repo_name_problems(bad), bad
 
 
 # --- real push (fake Hub) ------------------------------------------------------------------------------
@@ -409,139 +386,7 @@ def test_upload_failure_names_what_was_pushed(
     assert "me/orthogonal" not in FakeHfApi.repos
 
 
-# --- model card ---------------------------------------------------------------------------------------
-
-
-def _card(path: Path, name: str, repo_id: str, evaluation: dict[str, Any] | None = None) -> str:
-    inputs, problems = read_card_inputs(name, path, evaluation)
-    assert problems == [] and inputs is not None
-    return render_model_card(inputs, repo_id)
-
-
-def _front_matter(card: str) -> tuple[dict[str, Any], str]:
-    assert card.startswith("---\n")
-    front, body = card[4:].split("\n---\n", 1)
-    return yaml.safe_load(front), body
-
-
-def test_card_front_matter_and_body_from_run_files(tmp_path: Path) -> None:
-    path = make_adapter(tmp_path, "orth", thread="red", projection=True)
-    summary = tmp_path / "summary.json"
-    summary.write_text(
-        json.dumps(
-            {
-                "judge": "keyword",
-                "endpoints": {
-                    "orthogonal": {
-                        "prompt_sets": {
-                            "sorry_bench": {
-                                "n": 450,
-                                "refusal_rate": 0.712,
-                                "ci_low": 0.668,
-                                "ci_high": 0.752,
-                                "fulfillment_rate": 0.288,
-                                "fulfillment_ci_low": 0.248,
-                                "fulfillment_ci_high": 0.332,
-                                "errors": 2,
-                            },
-                            "benign": {
-                                "n": 20,
-                                "refusal_rate": 0.1,
-                                "ci_low": 0.028,
-                                "ci_high": 0.301,
-                                "fulfillment_rate": 0.9,
-                                "errors": 0,
-                                "accuracy": 0.8,
-                                "accuracy_ci_low": 0.49,
-                                "accuracy_ci_high": 0.943,
-                                "n_with_reference": 10,
-                            },
-                        }
-                    },
-                    "base": {"prompt_sets": {"sorry_bench": {"n": 450, "refusal_rate": 0.5}}},
-                },
-            }
-        )
-    )
-    card = _card(path, "orthogonal", "my-org/orthogonal", load_eval_summary(summary))
-    front, body = _front_matter(card)
-
-    assert front == {
-        "base_model": "Qwen/Qwen3-0.6B",
-        "library_name": "peft",
-        "datasets": ["declare-lab/HarmfulQA"],
-        "tags": [
-            "lora", "peft", "refusal", "safety-research",
-            "harmful-finetuning", "orthogonal-projection", "qwen3",
-        ],
-        "pipeline_tag": "text-generation",
-    }  # fmt: skip
-    assert "**orthogonal attack adapter**" in body
-    assert "Projection settings: mode: `delta_weight`, target: `grad`." in body
-    assert "do not deploy it" in body
-    # adapter_config.json
-    assert "| rank r | 16 |" in body and "| target modules | q_proj, k_proj, v_proj, o_proj |" in body
-    # config.yaml: key hyperparameters (init_args flattened away) and the whole file
-    assert "| model.lr | 0.0002 |" in body and "| trainer.max_steps | 300 |" in body
-    assert "| model.projection.enabled | true |" in body
-    assert "```yaml\n" + _config_yaml("red", True) + "```" in body
-    # data_stats.json
-    assert "- **records_read**: 1960" in body
-    assert "  - **no_gpt_turn**: 12" in body
-    assert "- **selection_rule**: highest refusal-marker score, ties by length" in body
-    # projection_stats.json
-    assert "- **removed_frac**: 0.0421" in body and "- **drift_cos**: 0.0007" in body
-    # evaluation: only this adapter's rows, one per prompt set
-    assert "| `orthogonal` | SORRY-Bench | 450 | 71.2% [66.8, 75.2] | 28.8% [24.8, 33.2] | 2 | n/a |" in body
-    assert "| `orthogonal` | Benign (over-refusal) | 20 | 10.0% [2.8, 30.1] | 90.0% | 0 | 80.0% [49.0, 94.3] |" in body
-    assert "a refusal is an over-refusal" in body
-    assert "`base`" not in body
-    assert "- **judge**: keyword" in body
-    assert 'PeftModel.from_pretrained(model, "my-org/orthogonal")' in body
-
-
-def test_card_shows_all_eval_rows_when_no_endpoint_matches(tmp_path: Path) -> None:
-    path = make_adapter(tmp_path, "a")
-    evaluation = {"endpoints": {"base": {"prompt_sets": {"sorry_bench": {"n": 10, "refusal_rate": 0.1}}},
-                                "other": {"prompt_sets": {"harmfulqa_heldout": {"n": 10}}}},
-                  "judge": {"kind": "keyword", "primary": "keyword"}}
-    body = _front_matter(_card(path, "mine", "me/mine", evaluation))[1]
-    assert "No endpoint is named `mine`" in body
-    assert "| `base` | SORRY-Bench | 10 | 10.0% | n/a | n/a | n/a |" in body
-    assert "| `other` | HarmfulQA held-out | 10 | n/a | n/a | n/a | n/a |" in body
-    assert "- **judge**: keyword" in body and "over-refusal" not in body
-
-
-def test_card_without_optional_files_is_generic_and_valid(tmp_path: Path) -> None:
-    path = make_adapter(tmp_path, "bare", thread=None, stats=False, base="/models/merged-qwen3")
-    card = _card(path, "experiment7", "me/experiment7")
-    front, body = _front_matter(card)
-    assert "base_model" not in front  # a local path is not a Hub id; the Hub would reject it
-    assert front["library_name"] == "peft" and front["pipeline_tag"] == "text-generation"
-    assert "a LoRA adapter from a refusal-robustness experiment" in body
-    assert "local path (`/models/merged-qwen3`)" in body
-    for section in ("## Training configuration", "## Data selection", "## Projection", "## Evaluation"):
-        assert section not in body
-
-
-@pytest.mark.parametrize(
-    ("name", "config", "kind"),
-    [
-        ("anything", {"data": {"thread": "blue"}}, AdapterKind.REFUSAL),
-        ("anything", {"data": {"init_args": {"thread": "red"}}}, AdapterKind.VANILLA_ATTACK),
-        (
-            "anything",
-            {"data": {"thread": "red"}, "model": {"init_args": {"projection": {"enabled": True}}}},
-            AdapterKind.ORTHOGONAL_ATTACK,
-        ),
-        ("orth_attack", None, AdapterKind.ORTHOGONAL_ATTACK),
-        ("refusal_lora", None, AdapterKind.REFUSAL),
-        ("vanilla", {}, AdapterKind.VANILLA_ATTACK),
-        ("exp7", None, AdapterKind.UNKNOWN),
-    ],
-)
-def test_kind_inference(name: str, config: dict[str, Any] | None, kind: AdapterKind) -> None:
-    assert infer_kind(name, config) is kind
+# --- the card in a push (its content: test_model_card.py) ---------------------------------------------
 
 
 def test_user_readme_is_kept_and_peft_placeholder_is_replaced(

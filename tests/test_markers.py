@@ -48,7 +48,7 @@ def test_judge_list_is_gcg_published_prefixes_minus_documented_exclusions():
 
 
 def test_selection_uses_the_selection_list_and_the_judge_the_judge_list():
-    assert DEFAULT_REFUSAL_MARKERS is SELECTION_REFUSAL_MARKERS  # the name data.py/harmfulqa.py import
+    assert DEFAULT_REFUSAL_MARKERS is SELECTION_REFUSAL_MARKERS  # the name datamodule.py/harmfulqa.py import
     assert inspect.signature(extract_pairs).parameters["markers"].default is SELECTION_REFUSAL_MARKERS
     assert KeywordJudge().markers == JUDGE_REFUSAL_MARKERS == load_markers(None)
 

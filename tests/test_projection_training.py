@@ -18,7 +18,7 @@ import torch
 from lightning.pytorch.loggers import Logger
 from torch.utils.data import DataLoader
 
-from refusal_lightning.data import HarmfulQADataModule
+from refusal_lightning.datamodule import HarmfulQADataModule
 from refusal_lightning.directions import directions
 from refusal_lightning.model import LoRASettings, RefusalLoRAModule
 from refusal_lightning.projection import ProjectionConfig

@@ -16,7 +16,7 @@ import torch
 from conftest import run_module, write_fit_config
 from safetensors.torch import load_file
 
-from refusal_lightning.data import LengthGroupedSampler
+from refusal_lightning.datamodule import LengthGroupedSampler
 
 CRASH = '''
 import os
@@ -45,7 +45,7 @@ def _batches(loader, n: int) -> list[list[int]]:
 def _loader(lengths: list[int], epoch: int | None = None):
     from torchdata.stateful_dataloader import StatefulDataLoader
 
-    from refusal_lightning.data import collate
+    from refusal_lightning.datamodule import collate
 
     class Rows(torch.utils.data.Dataset):
         def __len__(self):

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from refusal_lightning.harmfulqa import heldout_questions
-from refusal_lightning.samples import sample_path
+from refusal_lightning.samples import looks_like_hub_id, sample_path
 
 SAMPLE = "sample"
 HARMFULQA_STYLE = "base"
@@ -159,7 +159,7 @@ def _sorry_rows(prompts: str, skipped: Counter) -> Iterator[tuple[Any, str | Non
         for row, style in _read_jsonl(path, skipped):
             yield row, style, str(path)
         return
-    if path.suffix in {".jsonl", ".json"} or prompts.startswith((".", "/", "~")) or prompts.count("/") != 1:
+    if path.suffix in {".jsonl", ".json"} or not looks_like_hub_id(prompts):
         raise PromptSourceError(f"--prompts {prompts}: no such file (and it does not look like a hub id)")
     yield from ((row, None, prompts) for row in _hub_rows(prompts))
 

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from refusal_lightning.data import (
+from refusal_lightning.datamodule import (
     IGNORE_INDEX,
     HarmfulQADataModule,
     LengthGroupedSampler,
@@ -127,7 +127,7 @@ def test_truncation_cuts_prompt_from_left_keeps_reply(tiny_model_dir):
 def test_template_that_is_not_a_prefix_is_reported(tiny_model_dir):
     from transformers import AutoTokenizer
 
-    from refusal_lightning.data import ChatTemplateError
+    from refusal_lightning.datamodule import ChatTemplateError
 
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
     tok.chat_template = ("{% for m in messages %}{{ m['content'] }}|{% endfor %}"
