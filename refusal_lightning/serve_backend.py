@@ -94,8 +94,9 @@ class ChatBackend:
         max_tokens_limit: most tokens a request may ask for; more is a 400.
         max_batch_size: most requests per ``generate`` call (1 = one at a time).
         batch_wait_ms: how long the oldest waiting request waits for others to join its batch.
-        busy_batch_wait_ms: the same wait while clients send concurrently (the last batch had several
-            rows): the batch closes once as many requests as last time are waiting, or after this long.
+        busy_batch_wait_ms: the same wait while clients send concurrently (several requests were in the
+            server when the last batch was taken): the batch closes once that many are waiting, or after
+            this long.
     """
 
     def __init__(self, model: str, adapters: dict[str, Path] | None = None, dtype: str = "float32",
@@ -134,7 +135,7 @@ class ChatBackend:
         self.max_batch_size = max_batch_size
         self.batch_wait_s = batch_wait_ms / 1000
         self.busy_batch_wait_s = busy_batch_wait_ms / 1000
-        self._last_batch_size = 0
+        self._load = 0  # requests in the server when the last batch was taken (see _gather)
         # (model name, batch size) of recent generate calls: tests and benchmarks read it.
         self.recent_batches: deque[tuple[str, int]] = deque(maxlen=10_000)
         # A fast tokenizer shared between threads can fail with "Already borrowed": handler threads
@@ -237,6 +238,9 @@ class ChatBackend:
             if not self._gather(pending):
                 break
             batch = self._take_batch(pending)
+            # the load this batch saw: its rows plus those of its group still waiting; with closed-loop
+            # clients that is how many will be back for the next batch
+            self._load = len(batch) + sum(job.group == batch[0].group for job in pending)
             self._answer(batch)
         closing = RequestError(503, "the server is shutting down", type_="server_error", code="shutting_down")
         for job in pending:
@@ -250,14 +254,16 @@ class ChatBackend:
         (measured from its arrival, so a job that waited behind a batch does not wait again).
 
         Closed-loop clients (the evaluator's threads) send their next requests only once their replies
-        are back, so after a batch they trickle in over some milliseconds: while the last batch had
-        several rows, the head waits up to ``busy_batch_wait_s`` for as many mates as that batch had,
-        instead of closing a small batch after ``batch_wait_s``. A lone client keeps the short wait.
+        are back, so after a batch they trickle in over some milliseconds: while several requests were in
+        the server when the last batch was taken (its rows plus those still waiting), the head waits up to
+        ``busy_batch_wait_s`` for that many mates, instead of closing a small batch after ``batch_wait_s``
+        (counting only the last batch's rows, 16 clients settle into two alternating batches of about 8).
+        A lone client keeps the short wait.
         Returns False when ``close`` was called."""
         head = pending[0]
-        busy = self._last_batch_size > 1
+        busy = self._load > 1
         deadline = head.enqueued + (max(self.batch_wait_s, self.busy_batch_wait_s) if busy else self.batch_wait_s)
-        enough = min(self._last_batch_size, self.max_batch_size) if busy else self.max_batch_size
+        enough = min(self._load, self.max_batch_size) if busy else self.max_batch_size
         while True:
             with contextlib.suppress(queue.Empty):  # whatever already arrived joins before deciding
                 while True:
@@ -335,7 +341,6 @@ class ChatBackend:
         # Rows stop at their own max_tokens, so short requests do not keep the batch going.
         stop = _stop_at_row_budgets(width, budgets, self.device)
         self.recent_batches.append((batch[0].name, len(batch)))
-        self._last_batch_size = len(batch)
         with torch.inference_mode():
             if batch[0].group[1] == "seeded":
                 torch.manual_seed(batch[0].req.seed)  # seeds every device

@@ -12,13 +12,13 @@ from refusal_lightning.serve_request import ChatRequest
 
 
 def policy(batch_wait_ms: float, busy_batch_wait_ms: float, max_batch_size: int = 16,
-           last_batch_size: int = 0) -> ChatBackend:
+           load: int = 0) -> ChatBackend:
     """A ChatBackend with only what ``_gather`` reads (no model, no worker thread)."""
     backend = ChatBackend.__new__(ChatBackend)
     backend.max_batch_size = max_batch_size
     backend.batch_wait_s = batch_wait_ms / 1000
     backend.busy_batch_wait_s = busy_batch_wait_ms / 1000
-    backend._last_batch_size = last_batch_size
+    backend._load = load
     backend._queue = queue.SimpleQueue()
     return backend
 
@@ -49,19 +49,19 @@ def gather(backend: ChatBackend) -> tuple[int, float]:
 
 
 def test_lone_client_waits_only_the_short_window():
-    backend = policy(batch_wait_ms=20, busy_batch_wait_ms=2000, last_batch_size=1)
+    backend = policy(batch_wait_ms=20, busy_batch_wait_ms=2000, load=1)
     size, waited = gather(backend)
     assert size == 1 and waited < 1.0  # the busy window does not apply after a one-row batch
 
 
 def test_after_a_full_batch_stragglers_still_join():
     # Mates trickle in 60-300 ms after the head: the 20 ms window alone would close a batch of 1.
-    backend = policy(batch_wait_ms=20, busy_batch_wait_ms=5000, last_batch_size=4)
+    backend = policy(batch_wait_ms=20, busy_batch_wait_ms=5000, load=4)
     feeder = arrive_later(backend, [0.06, 0.15, 0.3])
     size, waited = gather(backend)
     feeder.join()
     assert size == 4 and waited < 4.0  # closed once as many as last time were there, not at the deadline
-    quiet = policy(batch_wait_ms=20, busy_batch_wait_ms=5000, last_batch_size=1)
+    quiet = policy(batch_wait_ms=20, busy_batch_wait_ms=5000, load=1)
     feeder = arrive_later(quiet, [0.06, 0.15, 0.3])
     size, _ = gather(quiet)
     feeder.join()
@@ -69,7 +69,7 @@ def test_after_a_full_batch_stragglers_still_join():
 
 
 def test_busy_window_ends_at_its_deadline_when_fewer_come():
-    backend = policy(batch_wait_ms=0, busy_batch_wait_ms=150, last_batch_size=8)
+    backend = policy(batch_wait_ms=0, busy_batch_wait_ms=150, load=8)
     feeder = arrive_later(backend, [0.02])
     size, waited = gather(backend)
     feeder.join()
@@ -88,3 +88,40 @@ def test_close_while_waiting_stops_the_gather():
     backend = policy(batch_wait_ms=5000, busy_batch_wait_ms=5000)
     backend._queue.put(None)
     assert backend._gather([job()]) is False
+
+
+def test_closed_loop_clients_keep_full_batches():
+    # 16 clients, each sending its next request as soon as its reply is back (the evaluator's threads). A
+    # window of the last batch's rows alone settles into two alternating half batches; counting the rows
+    # still waiting too, the batches stay full.
+    backend = policy(batch_wait_ms=1, busy_batch_wait_ms=1000, max_batch_size=16)
+    backend.max_model_len = 4096
+    sizes: list[int] = []
+
+    def answer(batch):
+        sizes.append(len(batch))
+        time.sleep(0.05)  # generation; replies go back together, next requests trickle in
+        for job in batch:
+            job.future.set_result("ok")
+
+    backend._answer = answer
+
+    def client(k: int):
+        for _ in range(6):
+            time.sleep(0.002 * k)  # clients are not in lockstep
+            j = job()
+            backend._queue.put(j)
+            j.future.result(timeout=30)
+
+    worker = threading.Thread(target=backend._work, daemon=True)
+    worker.start()
+    clients = [threading.Thread(target=client, args=(k,)) for k in range(16)]
+    for c in clients:
+        c.start()
+    for c in clients:
+        c.join(timeout=60)
+    backend._queue.put(None)
+    worker.join(timeout=10)
+    assert sum(sizes) == 96
+    full = sorted(sizes)[len(sizes) // 2]
+    assert full >= 15, sizes  # the median batch holds (nearly) every client
