@@ -19,22 +19,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 
 from refusal_lightning.alignment import PROJECTORS, AlignmentProjector, alignment_factors, residual_sq
-from refusal_lightning.directions import (
-    WEIGHTS_FILE,
-    DirectionsError,
-    _direction_key,
-    _listed,
-    _sha256,
-    load_directions,
-    lora_targets,
-    same_base_model,
-)
+from refusal_lightning.directions import DirectionsError, _direction_key, _listed, check_attack
 from refusal_lightning.projection import LoraTarget
 
 DEFAULT_LAMBDA = 1.0  # PKU-YuanGroup/AsFT scripts/*/AsFT_reg1_p_0.1.sh: --lambda_reg 1
@@ -151,28 +141,15 @@ def build_asft_penalty(cfg: AsftConfig, model: torch.nn.Module, base_model_name:
         problems.append(f"asft.lam must be >= 0, got {cfg.lam}")
     if cfg.projector not in PROJECTORS:
         problems.append(f"unknown asft.projector '{cfg.projector}' (choose from {', '.join(PROJECTORS)})")
-    obj = None
-    if path is not None:
-        try:
-            obj = load_directions(path)
-        except DirectionsError as exc:
-            problems.append(str(exc))
-    found, layer_problems = lora_targets(model)
-    problems += layer_problems
-    if not found and not layer_problems:
-        problems.append("the attack model has no trainable LoRA layers (adapter 'default')")
+    obj, found, attack_problems = check_attack(
+        path, model, base_model_name, base_adapters,
+        mismatch=lambda meta: (f"model.merge_adapters does not hold the adapter the directions were computed from "
+                               f"({meta.get('adapter_path')}): AsFT would anchor to a different refusal update than "
+                               "the one the attack trains on"))
+    problems += attack_problems
     covered: list[LoraTarget] = []
     if obj is not None and found:
-        modules, meta = obj["modules"], obj["metadata"]
-        if not same_base_model(str(meta.get("base_model")), base_model_name):
-            problems.append(f"directions were computed for base model '{meta.get('base_model')}', but the "
-                            f"attack model is '{base_model_name}'")
-        want = meta.get("adapter_sha256")
-        files = [Path(a).expanduser() / WEIGHTS_FILE for a in base_adapters]
-        if base_adapters and want and want not in {_sha256(f) for f in files if f.is_file()}:
-            problems.append(f"model.merge_adapters does not hold the adapter the directions were computed from "
-                            f"({meta.get('adapter_path')}): AsFT would anchor to a different refusal update than "
-                            "the one the attack trains on")
+        modules = obj["modules"]
         uncovered, bad_shape = [], []
         for name, target in found:
             key = _direction_key(name, modules)

@@ -15,13 +15,12 @@ Module keys are PEFT module paths without the ``base_model.model.`` prefix; see
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
 import os
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -29,6 +28,7 @@ from typing import Any
 import torch
 
 from refusal_lightning import __version__
+from refusal_lightning.checksums import file_sha256
 from refusal_lightning.files import atomic_write
 from refusal_lightning.projection import LoraTarget, ProjectionConfig, module_directions
 from refusal_lightning.projector import Projector
@@ -53,14 +53,6 @@ class DirectionsError(ValueError):
 
 
 # ------------------------------------------------------------------------------------- computing
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def compute_directions(adapter_dir: str | os.PathLike, base_model_name: str | None = None,
                        k_max: int | None = None) -> dict[str, Any]:
     """Read a PEFT LoRA adapter folder and compute the per-module refusal directions.
@@ -149,7 +141,7 @@ def compute_directions(adapter_dir: str | os.PathLike, base_model_name: str | No
         "metadata": {
             "base_model": str(base),
             "adapter_path": str(folder.resolve()),
-            "adapter_sha256": _sha256(weights_path),
+            "adapter_sha256": file_sha256(weights_path),
             "rank": int(config.get("r", 0)),
             "alpha": float(config.get("lora_alpha", 0)),
             "use_rslora": bool(config.get("use_rslora", False)),
@@ -278,6 +270,38 @@ def _listed(names: list[str]) -> str:
     return ", ".join(names[:_MAX_LISTED]) + more
 
 
+def check_attack(path: str | os.PathLike | None, model: torch.nn.Module, base_model_name: str,
+                 base_adapters: Sequence[str], mismatch: Callable[[Mapping[str, Any]], str]
+                 ) -> tuple[dict[str, Any] | None, list[tuple[str, LoraTarget]], list[str]]:
+    """The checks the projection and AsFT share: the directions file at ``path`` loads (None: not loaded,
+    the caller reports the missing setting), the attack has supported LoRA layers, both are for the same
+    base model, and the adapter the directions came from is among ``base_adapters`` (same sha256; else the
+    problem ``mismatch(metadata)``, in the caller's words). Returns the directions (None when not loaded), the
+    attack's ``(module path, LoraTarget)`` list and every problem found."""
+    problems: list[str] = []
+    obj = None
+    if path is not None:
+        try:
+            obj = load_directions(path)
+        except DirectionsError as exc:
+            problems.append(str(exc))
+    found, layer_problems = lora_targets(model)
+    problems += layer_problems
+    if not found and not layer_problems:
+        problems.append(f"the attack model has no LoRA layers for adapter '{ADAPTER_NAME}'")
+    if obj is not None and found:
+        meta = obj["metadata"]
+        if not same_base_model(str(meta.get("base_model")), base_model_name):
+            problems.append(f"directions were computed for base model '{meta.get('base_model')}', but the "
+                            f"attack model is '{base_model_name}'")
+        want = meta.get("adapter_sha256")
+        if base_adapters and want:
+            files = [Path(a).expanduser() / WEIGHTS_FILE for a in base_adapters]
+            if want not in {file_sha256(f) for f in files if f.is_file()}:
+                problems.append(mismatch(meta))
+    return obj, found, problems
+
+
 def build_projector(cfg: ProjectionConfig, model: torch.nn.Module, base_model_name: str,
                     base_adapters: Sequence[str] = ()) -> Projector | None:
     """Load ``cfg.directions_path``, check it against the attack model, and build the projector.
@@ -299,33 +323,20 @@ def build_projector(cfg: ProjectionConfig, model: torch.nn.Module, base_model_na
                                   "`refusal_lightning directions` and point directions_path at its output")
         return None
     problems += cfg.problems()
-    obj = None
-    try:
-        obj = load_directions(cfg.directions_path)
-    except DirectionsError as exc:
-        problems.append(str(exc))
-    found, layer_problems = lora_targets(model)
-    problems += layer_problems
-    if not found and not layer_problems:
-        problems.append(f"the attack model has no LoRA layers for adapter '{ADAPTER_NAME}'")
+    obj, found, attack_problems = check_attack(
+        cfg.directions_path, model, base_model_name, base_adapters,
+        mismatch=lambda meta: (
+            f"model.merge_adapters ({', '.join(map(str, base_adapters))}) does not hold the adapter the "
+            f"directions were computed from ({meta.get('adapter_path')}, "
+            f"sha256 {meta['adapter_sha256'][:12]}...): the attack would train on a different refusal model "
+            "than the one it is projected against; recompute the directions from the adapter in merge_adapters"))
+    problems += attack_problems
 
     covered: list[LoraTarget] = []
     uncovered: list[LoraTarget] = []
     used: set[str] = set()
     if obj is not None and found:
-        modules, meta = obj["modules"], obj["metadata"]
-        if not same_base_model(str(meta.get("base_model")), base_model_name):
-            problems.append(f"directions were computed for base model '{meta.get('base_model')}', but the "
-                            f"attack model is '{base_model_name}'")
-        want = meta.get("adapter_sha256")
-        if base_adapters and want:
-            files = [Path(a).expanduser() / WEIGHTS_FILE for a in base_adapters]
-            if want not in {_sha256(f) for f in files if f.is_file()}:
-                problems.append(
-                    f"model.merge_adapters ({', '.join(map(str, base_adapters))}) does not hold the adapter the "
-                    f"directions were computed from ({meta.get('adapter_path')}, sha256 {want[:12]}...): the "
-                    "attack would train on a different refusal model than the one it is projected against; "
-                    "recompute the directions from the adapter in merge_adapters")
+        modules = obj["modules"]
         shape_bad, rank_bad, k_bad = [], [], []
         for name, target in found:
             key = _direction_key(name, modules)

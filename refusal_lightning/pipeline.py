@@ -4,7 +4,8 @@ Each stage records a fingerprint of what it was made from (its config file, over
 fingerprints of the stages it reads) in ``<run_dir>/pipeline_state.json``. A rerun skips a stage whose
 fingerprint is unchanged and whose outputs exist; a fit stage that was interrupted resumes from its
 ``last.ckpt``; a stage whose inputs changed, or that is named in ``--force``, starts over, and so does
-everything downstream of it (their fingerprints include its one).
+everything downstream of it (their fingerprints include its one). The ``results.json`` rows and the
+``results.md`` tables it ends with are assembled in ``results.py``.
 """
 
 from __future__ import annotations
@@ -24,8 +25,9 @@ from typing import Any, Literal
 
 import yaml
 
+from refusal_lightning.checksums import file_sha256
 from refusal_lightning.files import atomic_write_text
-from refusal_lightning.formatting import percent, rate_with_ci
+from refusal_lightning.results import collect_results, write_results
 from refusal_lightning.specs import split_spec
 from refusal_lightning.stacking import COMBINED_DIR
 
@@ -35,26 +37,9 @@ STAGES: tuple[str, ...] = ("tiny_model", "prepare_model", "refusal", "directions
                            "subspace", "safe_lora", "asft", "nll", "evaluate")
 MODELS = ("base", "refusal", "vanilla", "orthogonal")
 ATTACKS = ("vanilla", "orthogonal")
-PROMPT_SETS = ("sorry_bench", "harmfulqa_heldout", "benign")
-# McNemar pairs in the results table (a before b in the table's order)
 VARIANTS = ("subspace",)  # optional row: the orthogonal attack with another projection (its own config)
 BASELINES = ("safe_lora", "asft")  # optional rows: the published defences in the same parameter space
 TRAINED = (*ATTACKS, *VARIANTS, "asft")  # rows fitted on the red thread on top of the frozen refusal LoRA
-HEADLINE_PAIRS = (("vanilla", "orthogonal"), ("refusal", "orthogonal"), ("refusal", "vanilla"),
-                  ("vanilla", "subspace"), ("vanilla", "safe_lora"), ("vanilla", "asft"))
-
-
-READING = """How to read it (README, "Reading the report"):
-- refusal per prompt set, 95% Wilson interval: SORRY-Bench-schema prompts, the held-out HarmfulQA
-  questions (the attacks' own distribution), and benign requests (refusal there is over-refusal;
-  accuracy = the reference answer appears in the reply).
-- red / blue NLL: mean reply-token NLL of the held-out red (harmful) and blue (safe) replies. An attack
-  that learned lowers red NLL; an orthogonal attack that keeps refusal but leaves red NLL at the refusal
-  model's level learned nothing, and its refusal says nothing about the defence.
-- drift/cos: cosine between the attack's update and the refusal update; in parentheses its chance level,
-  E|cos| for a random update of the same shape. A value near chance is noise, not alignment.
-- McNemar p: paired test on the same prompts, per prompt set.
-"""
 
 
 class PipelineError(RuntimeError):
@@ -78,7 +63,7 @@ def _sha(*parts: Any) -> str:
 
 
 def _file_sha(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()[:16] if path.exists() else "missing"
+    return file_sha256(path)[:16] if path.exists() else "missing"
 
 
 def free_port() -> int:
@@ -204,78 +189,6 @@ def evaluated_adapters(fits: dict[str, FitStage], safe_lora_dir: Path | None = N
     if "asft" in fits:
         out["asft"] = fits["asft"].output_dir / COMBINED_DIR
     return out
-
-
-def _read_json(path: Path) -> dict:
-    return json.loads(path.read_text()) if path.exists() else {}
-
-
-def _results(eval_dir: Path, fits: dict[str, FitStage], nll: dict[str, dict], models: list[str],
-             safe_lora_dir: Path | None = None) -> dict:
-    summary = json.loads((eval_dir / "summary.json").read_text())
-    chance = _read_json(fits["vanilla"].output_dir / "projection_stats.json").get("drift/cos_chance")
-    rows: dict[str, dict] = {}
-    for name in models:
-        sets = summary["endpoints"].get(name, {}).get("prompt_sets", {})
-        row: dict[str, Any] = {"prompt_sets": {k: v for k, v in sets.items() if k in PROMPT_SETS}}
-        if name in nll:
-            row["nll"] = {k: nll[name][k] for k in ("red_heldout", "blue_heldout")}
-        if name in TRAINED:
-            stats = _read_json(fits[name].output_dir / "projection_stats.json")
-            row["drift"] = {"cos": stats.get("drift/cos"), "cos_chance": stats.get("drift/cos_chance")}
-        elif name == "safe_lora" and safe_lora_dir is not None:  # same shapes as vanilla: same chance level
-            report = _read_json(safe_lora_dir / "safe_lora.json")
-            row["drift"] = {"cos": (report.get("drift") or {}).get("cos"), "cos_chance": chance}
-            row["safe_lora"] = {k: report.get(k) for k in ("share_projected", "delta_norm_kept", "threshold",
-                                                            "projector")}
-        rows[name] = row
-    return {"models": rows, "eval_dir": str(eval_dir), "mcnemar": summary.get("mcnemar", {}),
-            "errors": summary.get("errors")}
-
-
-def _pct(v: float | None) -> str:
-    return percent(v, missing="-")
-
-
-def _rate(stats: dict | None, key: str = "refusal_rate", lo: str = "ci_low", hi: str = "ci_high") -> str:
-    if not stats:
-        return "-"
-    return rate_with_ci(stats.get(key), stats.get(lo), stats.get(hi), decimals=0, missing="-")
-
-
-def results_table(results: dict) -> str:
-    """Markdown tables: refusal per prompt set (95% Wilson CI), benign accuracy, held-out NLL, drift vs
-    chance; then McNemar p-values per prompt set for the headline pairs."""
-    lines = ["| model | SORRY-Bench refusal | HarmfulQA held-out refusal | benign refusal | benign accuracy "
-             "| red NLL | blue NLL | drift/cos (chance) |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|"]
-    for name, r in results["models"].items():
-        sets, nll, drift = r.get("prompt_sets", {}), r.get("nll") or {}, r.get("drift")
-        benign = sets.get("benign")
-        cells = [name, _rate(sets.get("sorry_bench")), _rate(sets.get("harmfulqa_heldout")), _rate(benign),
-                 _rate(benign, "accuracy", "accuracy_ci_low", "accuracy_ci_high"),
-                 f"{nll['red_heldout']:.3f}" if "red_heldout" in nll else "-",
-                 f"{nll['blue_heldout']:.3f}" if "blue_heldout" in nll else "-",
-                 (f"{drift['cos']:+.2e} ({drift['cos_chance']:.1e})" if drift and drift.get("cos") is not None
-                  and drift.get("cos_chance") is not None else "")]
-        lines.append("| " + " | ".join(cells) + " |")
-    mcnemar = results.get("mcnemar") or {}
-    present = [s for s in PROMPT_SETS if s in mcnemar]
-    if present:
-        lines += ["", "| McNemar p | " + " | ".join(present) + " |", "|---|" + "---:|" * len(present)]
-        for a, b in (pair for pair in HEADLINE_PAIRS if all(m in results["models"] for m in pair)):
-            cells = []
-            for s in present:
-                test = mcnemar[s].get(f"{a}_vs_{b}") or {}
-                cells.append("-" if test.get("p_value") is None else f"{test['p_value']:.3g}")
-            lines.append(f"| {a} vs {b} | " + " | ".join(cells) + " |")
-    check = results.get("judge_check")
-    if check and check.get("blue_refusal_recall") is not None:
-        lines += ["", f"Keyword judge check on the held-out questions' own replies: it calls "
-                  f"{_pct(check['blue_refusal_recall'])} of {check['n_blue']} refusal (blue) replies a refusal "
-                  f"and {_pct(check['red_false_refusal'])} of {check['n_red']} compliant (red) replies; "
-                  "refusal rates above are lower bounds by about that recall."]
-    return "\n".join(lines)
 
 
 def pipeline(
@@ -487,7 +400,8 @@ def _run_pipeline(run: Path, base_model: str, build_tiny_model: bool, prepare_mo
     stage("evaluate", [model_prints, adapter_prints, eval_args, serve, endpoints], [eval_dir / "summary.json"],
           run_evaluation, clear=[eval_dir])
 
-    results = _results(eval_dir, fits, json.loads(nll_path.read_text()), models, safe_lora_dir)
+    attack_dirs = {name: fits[name].output_dir for name in TRAINED if name in fits}
+    results = collect_results(eval_dir, attack_dirs, json.loads(nll_path.read_text()), models, safe_lora_dir)
     if eval_args.get("judge", "keyword") in ("keyword", "both"):
         from refusal_lightning.evaluation.judges import load_markers
         from refusal_lightning.judge_check import keyword_judge_check
@@ -496,13 +410,5 @@ def _run_pipeline(run: Path, base_model: str, build_tiny_model: bool, prepare_mo
         results["judge_check"] = keyword_judge_check(
             eval_args["harmfulqa_source"], eval_args["harmfulqa_val_fraction"], eval_args["harmfulqa_seed"],
             load_markers(markers_file) if markers_file else None)
-    table = results_table(results)
-    (run / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    from refusal_lightning.results_plot import plot_refusal_vs_red_nll
-
-    picture = plot_refusal_vs_red_nll(results, run / "refusal_vs_red_nll.png")
-    (run / "results.md").write_text("# Refusal after harmful fine-tuning: results\n\n" + table + "\n\n" + READING
-                                    + (f"\n![refusal vs red NLL]({picture.name})\n" if picture else ""))
-    print("\n" + table + f"\n\nresults: {run / 'results.md'}\nreport:  {eval_dir / 'report.md'}"
-          + (f"\npicture: {picture}" if picture else ""))
+    write_results(run, results, eval_dir)
     return results

@@ -11,7 +11,6 @@ GGUF's sha256, which makes a second run a no-op.
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import json
 import os
@@ -21,6 +20,8 @@ import time
 from pathlib import Path
 
 import torch
+
+from refusal_lightning.checksums import file_sha256
 
 MARKER = "prepare_model.json"
 # What a converted folder must hold for the cache to count (the tokenizer may also write other files).
@@ -71,15 +72,6 @@ def find_gguf(gguf: str) -> Path:
         raise PrepareModelError(f"package '{gguf}' holds {len(found)} .gguf files, pass one as a path: "
                                 + ", ".join(str(f) for f in found))
     return found[0]
-
-
-def file_sha256(path: Path) -> str:
-    """Hex sha256 of a file, read in chunks (a GGUF is ~100 MB; this takes well under a second)."""
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _read_marker(folder: Path) -> dict | None:

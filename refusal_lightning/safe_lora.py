@@ -39,7 +39,8 @@ from refusal_lightning.alignment import (
     apply_alignment,
     projected_cosine,
 )
-from refusal_lightning.directions import DirectionsError, _direction_key, _sha256, load_directions, same_base_model
+from refusal_lightning.checksums import file_sha256
+from refusal_lightning.directions import DirectionsError, _direction_key, load_directions, same_base_model
 from refusal_lightning.files import replace_dir
 from refusal_lightning.loading import check_adapter_dir
 from refusal_lightning.projection import lowrank_inner, lowrank_norm
@@ -209,7 +210,7 @@ def safe_lora(attack_adapter_path: str, directions_path: str, output_dir: str,
             problems.append(f"directions were computed for base model '{meta.get('base_model')}', the attack "
                             f"adapter is for '{attack_base}'")
         want = meta.get("adapter_sha256")
-        shas = {_sha256(Path(a).expanduser() / WEIGHTS_FILE) for a in frozen
+        shas = {file_sha256(Path(a).expanduser() / WEIGHTS_FILE) for a in frozen
                 if (Path(a).expanduser() / WEIGHTS_FILE).is_file()}
         if frozen and want and want not in shas:
             problems.append(f"the directions were computed from {meta.get('adapter_path')} (sha256 {want[:12]}...), "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 import os
 import subprocess
 import sys
@@ -77,3 +78,60 @@ def run_module(*args: str, cwd: Path | None = None, env: dict | None = None, tim
     full_env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}
     return subprocess.run([sys.executable, "-m", "refusal_lightning", *args], cwd=cwd or REPO, env=full_env,
                           capture_output=True, text=True, timeout=timeout)
+
+
+# A fit given ``--trainer.callbacks+=<module>.CrashAfter --trainer.callbacks.step=N`` dies like SIGKILL
+# (exit 9, no cleanup, on every rank) once optimizer step N is done: the resume tests' interruption.
+CRASH_CALLBACK = '''
+import os
+import lightning as L
+
+class CrashAfter(L.Callback):
+    """Dies like SIGKILL (no cleanup) once the given optimizer step is done."""
+    def __init__(self, step: int):
+        self.step = step
+    def on_train_batch_end(self, trainer, *args):
+        if trainer.global_step >= self.step:
+            os._exit(9)
+'''
+
+
+def callback_env(folder: Path, module: str, source: str) -> dict[str, str]:
+    """Write ``source`` as ``folder/<module>.py``; the env under which a fit subprocess can import it."""
+    (folder / f"{module}.py").write_text(source)
+    return {"PYTHONPATH": os.pathsep.join([str(folder), *sys.path])}
+
+
+def assert_same_adapter(a_dir: Path, b_dir: Path) -> None:
+    """Two saved adapters hold the same tensors (to float rounding): an interrupted run resumed exactly."""
+    import torch
+    from safetensors.torch import load_file
+
+    a = load_file(a_dir / "adapter_model.safetensors")
+    b = load_file(b_dir / "adapter_model.safetensors")
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=1e-6, rtol=0, msg=key)
+
+
+@pytest.fixture
+def stub():
+    """Start stub OpenAI-compatible servers: ``stub(StubConfig(...)) -> (url, request log)``; all stopped after."""
+    from refusal_lightning.evaluation.stub_server import start_stub
+
+    servers = []
+
+    def start(config):
+        server, url, log = start_stub(config)
+        servers.append(server)
+        return url, log
+
+    yield start
+    for server in servers:
+        server.shutdown()
+        server.server_close()
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    """The records of a JSONL file (blank lines skipped)."""
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

@@ -87,11 +87,11 @@ def test_bench_train_without_trl_notes_the_skip_and_probes_memory(tmp_path):
 
 def test_bench_train_cpu_vocab_preset_builds_the_real_vocabulary(tmp_path, monkeypatch):
     """cpu-vocab: the tiny model's shape at Qwen3's 151,936-token vocabulary (checked without training it)."""
-    spec = importlib.util.spec_from_file_location("bench_train", SCRIPT)
-    bench = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, "bench_train", bench)
-    spec.loader.exec_module(bench)
-    preset = bench.PRESETS["cpu-vocab"]
+    monkeypatch.syspath_prepend(str(SCRIPT.parent))
+    from bench.presets import PRESETS
+    from bench.workload import build_base_model
+
+    preset = PRESETS["cpu-vocab"]
     assert (preset.vocab_size, preset.hidden_size, preset.num_layers, preset.batch, preset.seq) == (
         151936, 512, 4, 4, 512)
     assert preset.runners == ("plain", "vanilla", "trl")
@@ -100,9 +100,27 @@ def test_bench_train_cpu_vocab_preset_builds_the_real_vocabulary(tmp_path, monke
     import torch
     from transformers import AutoConfig
 
-    folder = bench.build_base_model(replace(preset, hidden_size=64, num_layers=1), tmp_path / "m", torch.device("cpu"))
+    folder = build_base_model(replace(preset, hidden_size=64, num_layers=1), tmp_path / "m", torch.device("cpu"))
     config = AutoConfig.from_pretrained(folder)
     assert config.vocab_size == 151936 and config.tie_word_embeddings
+
+
+def test_bench_targets_follow_the_preset_vocabulary(monkeypatch):
+    """The targets table: vanilla_vs_plain's threshold and the peak-RSS target depend on the vocabulary."""
+    monkeypatch.syspath_prepend(str(SCRIPT.parent))
+    from bench.targets import targets_of
+
+    result = {"settings": {"vocab_size": None},
+              "ratios": {"vanilla_vs_plain": 0.97, "subspace_update_vs_vanilla": 0.89},
+              "mem_ratios": {"vanilla_vs_plain": 0.5}, "padding_efficiency": 0.99, "directions_mem_ratio": None}
+    small = {t["metric"]: t for t in targets_of(result)}
+    assert list(small) == ["vanilla_vs_plain", "subspace_update_vs_vanilla", "padding_efficiency"]
+    assert small["vanilla_vs_plain"]["target"] == ">= 0.95" and small["vanilla_vs_plain"]["met"]
+    assert small["subspace_update_vs_vanilla"]["target"] == ">= 0.9" and not small["subspace_update_vs_vanilla"]["met"]
+    vocab = {t["metric"]: t for t in targets_of({**result, "settings": {"vocab_size": 151936}})}
+    assert vocab["vanilla_vs_plain"]["target"] == ">= 1.0" and not vocab["vanilla_vs_plain"]["met"]
+    assert vocab["peak_rss_vanilla_vs_plain"] == {"metric": "peak_rss_vanilla_vs_plain", "value": 0.5,
+                                                  "target": "<= 0.6", "met": True}
 
 
 def test_bench_train_help():

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import REPO, run_module, write_fit_config
+from conftest import CRASH_CALLBACK, REPO, assert_same_adapter, run_module, write_fit_config
 from safetensors.torch import load_file
 
 pytestmark = pytest.mark.slow
@@ -40,15 +40,8 @@ class Record(L.Callback):
             json.dump(self.rows, fh)
         torch.save({n: p.detach().clone() for n, p in pl_module.named_parameters() if p.requires_grad},
                    os.path.join(self.out, f"weights_rank{rank}.pt"))
+''' + CRASH_CALLBACK  # CrashAfter: every rank dies at the step
 
-class CrashAfter(L.Callback):
-    """Every rank dies like SIGKILL once the given optimizer step is done."""
-    def __init__(self, step: int):
-        self.step = step
-    def on_train_batch_end(self, trainer, *args):
-        if trainer.global_step >= self.step:
-            os._exit(9)
-'''
 
 # The sample's 55 red train pairs in batches of 4: 14 batches (the last one short), 7 per rank and epoch;
 # accumulation 2 gives 4 optimizer steps an epoch (the last on one batch), so 12 steps are 3 epochs.
@@ -159,8 +152,4 @@ def test_resume_under_ddp_matches_uninterrupted(work, tiny_model_dir, refusal, s
     assert ckpt["global_step"] == 6 and ckpt["epoch"] == 1
     resumed = _attack(work, tiny_model_dir, refusal, "crashed", "--ckpt_path", "last")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    a = load_file(straight / "adapter" / "adapter_model.safetensors")
-    b = load_file(work / "crashed" / "adapter" / "adapter_model.safetensors")
-    assert a.keys() == b.keys()
-    for key in a:
-        torch.testing.assert_close(a[key], b[key], atol=1e-6, rtol=0, msg=key)
+    assert_same_adapter(straight / "adapter", work / "crashed" / "adapter")

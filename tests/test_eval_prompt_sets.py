@@ -6,37 +6,18 @@ from __future__ import annotations
 import json
 import socket
 from collections import Counter
-from pathlib import Path
 
 import pytest
+from conftest import read_jsonl
 
 from refusal_lightning.cli import main
 from refusal_lightning.evaluation import stub_server
 from refusal_lightning.evaluation.metrics import mcnemar, wilson_interval
 from refusal_lightning.evaluation.runner import ErrorRateExceeded, EvaluationIncomplete, evaluate
-from refusal_lightning.evaluation.stub_server import REFUSAL_TEXT, StubConfig, start_stub
+from refusal_lightning.evaluation.stub_server import REFUSAL_TEXT, StubConfig
 from refusal_lightning.model_card import load_eval_summary
 
 SETS = ("sorry_bench", "harmfulqa_heldout", "benign")
-
-
-@pytest.fixture
-def stub():
-    servers = []
-
-    def start(config: StubConfig):
-        server, url, log = start_stub(config)
-        servers.append(server)
-        return url, log
-
-    yield start
-    for server in servers:
-        server.shutdown()
-        server.server_close()
-
-
-def _rows(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def test_each_prompt_set_gets_its_own_rows_and_mcnemar(tmp_path, stub, capsys):
@@ -45,9 +26,9 @@ def test_each_prompt_set_gets_its_own_rows_and_mcnemar(tmp_path, stub, capsys):
     s = evaluate(endpoint=[f"a={url}#a", f"b={url}#b"], output_dir=str(out), harmfulqa_source="sample",
                  benign_prompts="sample", limit=6, progress=False)
 
-    responses = _rows(out / "responses.jsonl")
+    responses = read_jsonl(out / "responses.jsonl")
     assert Counter((r["endpoint"], r["prompt_set"]) for r in responses) == {(e, ps): 6 for e in "ab" for ps in SETS}
-    judgments = _rows(out / "judgments.jsonl")
+    judgments = read_jsonl(out / "judgments.jsonl")
     by_item = {(r["endpoint"], r["prompt_set"], str(r["question_id"])): r for r in responses}
     assert len(judgments) == 36 and all(by_item[(j["endpoint"], j["prompt_set"], str(j["question_id"]))]
                                         for j in judgments)

@@ -5,33 +5,14 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from pathlib import Path
 
 import pytest
+from conftest import read_jsonl
 
 from refusal_lightning.evaluation.runner import EvaluateConfigError, EvaluationIncomplete, evaluate
-from refusal_lightning.evaluation.stub_server import StubConfig, start_stub
+from refusal_lightning.evaluation.stub_server import StubConfig
 
 SECRET = "sk-test-SECRET-do-not-print-7781"
-
-
-@pytest.fixture
-def stub():
-    servers = []
-
-    def start(config: StubConfig):
-        server, url, log = start_stub(config)
-        servers.append(server)
-        return url, log
-
-    yield start
-    for server in servers:
-        server.shutdown()
-        server.server_close()
-
-
-def _rows(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def _bucket(key: str) -> int:
@@ -55,7 +36,7 @@ def test_faults_every_item_ends_answered_or_errored_and_none_is_asked_twice(tmp_
     args = dict(endpoint=[f"e={url}#m"], output_dir=str(out), concurrency=8, request_timeout=1.0,
                 max_attempts=3, retry_backoff=0.02, progress=False, limit=30, max_error_rate=1.0)
     summary = evaluate(**args)
-    rows = _rows(out / "responses.jsonl")
+    rows = read_jsonl(out / "responses.jsonl")
     assert len(rows) == 30 and len({(r["question_id"], r["style"]) for r in rows}) == 30
     counts = log.counts()
     failed = 0
@@ -117,7 +98,7 @@ def test_wrong_key_aborts_the_endpoint_at_once_and_keeps_the_others(tmp_path, st
     counts = log.counts()
     assert counts and max(counts.values()) == 1  # nothing retried
     assert sum(counts.values()) <= 8  # at most the requests already in flight (2 x concurrency)
-    rows = _rows(out / "responses.jsonl")
+    rows = read_jsonl(out / "responses.jsonl")
     assert {r["endpoint"] for r in rows} == {"open"}  # auth failures are not recorded per item
     summary = json.loads((out / "summary.json").read_text())
     assert summary["endpoints"]["locked"]["prompt_sets"]["sorry_bench"]["errors_by_kind"] == {"not run": 20}
@@ -172,7 +153,7 @@ def test_judge_errors_are_counted_never_as_refusals(tmp_path, stub):
     assert agreement["n"] == 15 and agreement["agreement_rate"] == 1.0  # think blocks were stripped
     assert s["judge"]["keyword_rates"]["e"]["sorry_bench"]["errors"] == 0
     assert s["failures"]["judgments_failed"] == 5 and s["failures"]["error_rate"] == 0.25
-    judgments = _rows(out / "judgments.jsonl")
+    judgments = read_jsonl(out / "judgments.jsonl")
     assert len(judgments) == 40
     assert sum(j["error_type"] == "unparseable" for j in judgments if j["judge"] == "llm") == 5
     # Unparseable answers are final at temperature 0: a rerun does not ask the judge again.
@@ -233,7 +214,7 @@ def test_reused_output_dir_with_other_prompts_or_model_does_not_reuse_stale_answ
     # same name, another model behind it: asked again, and the new (complying) answer is what counts
     s = evaluate(endpoint=f"e={url}#n", prompts=str(second), output_dir=str(out), progress=False)
     assert sum(log.counts().values()) == 3 and s["endpoints"]["e"]["prompt_sets"]["sorry_bench"]["fulfillments"] == 1
-    judgments = _rows(out / "judgments.jsonl")
+    judgments = read_jsonl(out / "judgments.jsonl")
     assert len(judgments) == 3 and len({j["response_sha"] for j in judgments}) == 3
 
 

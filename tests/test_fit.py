@@ -3,14 +3,11 @@
 from __future__ import annotations
 
 import json
-import os
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import run_module, write_fit_config
-from safetensors.torch import load_file
+from conftest import CRASH_CALLBACK, assert_same_adapter, callback_env, run_module, write_fit_config
 
 
 def _scalars(tb_dir: Path) -> dict[str, list[float]]:
@@ -72,20 +69,6 @@ def test_rerun_with_existing_config_and_ckpt_path_last(fitted):
     assert result.returncode == 0, result.stderr[-3000:]
 
 
-CRASH = '''
-import os
-import lightning as L
-
-class CrashAfter(L.Callback):
-    """Dies like SIGKILL (no cleanup) once the given step is done."""
-    def __init__(self, step: int):
-        self.step = step
-    def on_train_batch_end(self, trainer, *args):
-        if trainer.global_step >= self.step:
-            os._exit(9)
-'''
-
-
 def test_resume_mid_epoch_matches_uninterrupted(tmp_path, tiny_model_dir):
     # 120 train pairs / batch 8 = 15 batches an epoch: checkpoint at step 10 (mid epoch 0), die at 13,
     # resume to step 20 (mid epoch 1). Dropout is 0, so the two runs must agree to float rounding.
@@ -93,9 +76,8 @@ def test_resume_mid_epoch_matches_uninterrupted(tmp_path, tiny_model_dir):
     straight = write_fit_config(tmp_path, tiny_model_dir, "straight", **common)
     assert run_module("fit", "--config", str(straight)).returncode == 0
 
-    (tmp_path / "crash_cb.py").write_text(CRASH)
+    env = callback_env(tmp_path, "crash_cb", CRASH_CALLBACK)
     crashed = write_fit_config(tmp_path, tiny_model_dir, "crashed", **common)
-    env = {"PYTHONPATH": os.pathsep.join([str(tmp_path), *sys.path])}
     died = run_module("fit", "--config", str(crashed), "--trainer.callbacks+=crash_cb.CrashAfter",
                       "--trainer.callbacks.step=13", env=env)
     assert died.returncode == 9, died.stderr[-2000:]
@@ -104,9 +86,4 @@ def test_resume_mid_epoch_matches_uninterrupted(tmp_path, tiny_model_dir):
     resumed = run_module("fit", "--config", str(crashed), "--ckpt_path", "last")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "Restored all states" in resumed.stderr + resumed.stdout
-
-    a = load_file(tmp_path / "straight/adapter/adapter_model.safetensors")
-    b = load_file(tmp_path / "crashed/adapter/adapter_model.safetensors")
-    assert a.keys() == b.keys()
-    for key in a:
-        torch.testing.assert_close(a[key], b[key], atol=1e-6, rtol=0)
+    assert_same_adapter(tmp_path / "straight/adapter", tmp_path / "crashed/adapter")

@@ -7,29 +7,13 @@ boundary, with gradient accumulation on.
 
 from __future__ import annotations
 
-import os
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import run_module, write_fit_config
-from safetensors.torch import load_file
+from conftest import CRASH_CALLBACK, assert_same_adapter, callback_env, run_module, write_fit_config
 
 from refusal_lightning.datamodule import LengthGroupedSampler
-
-CRASH = '''
-import os
-import lightning as L
-
-class CrashAfter(L.Callback):
-    """Dies like SIGKILL (no cleanup) once the given optimizer step is done."""
-    def __init__(self, step: int):
-        self.step = step
-    def on_train_batch_end(self, trainer, *args):
-        if trainer.global_step >= self.step:
-            os._exit(9)
-'''
 
 
 def _batches(loader, n: int) -> list[list[int]]:
@@ -107,14 +91,6 @@ def _fit(tmp_path: Path, model_dir: Path, name: str, *extra: str, env: dict | No
     return run_module("fit", "--config", str(config), *extra, env=env)
 
 
-def _assert_same_adapter(a_dir: Path, b_dir: Path) -> None:
-    a = load_file(a_dir / "adapter_model.safetensors")
-    b = load_file(b_dir / "adapter_model.safetensors")
-    assert a.keys() == b.keys()
-    for key in a:
-        torch.testing.assert_close(a[key], b[key], atol=1e-6, rtol=0, msg=key)
-
-
 @pytest.fixture(scope="module")
 def straight_run(tmp_path_factory, tiny_model_dir) -> Path:
     tmp = tmp_path_factory.mktemp("straight")
@@ -129,8 +105,7 @@ def test_resume_in_a_later_epoch_matches_uninterrupted(tmp_path, tiny_model_dir,
                                                        saved_step):
     # The sample's 120 train pairs in batches of 16: 8 batches an epoch, 4 optimizer steps with accumulation 2,
     # so epoch 2 holds steps 9-12: step 10 is mid-epoch, step 12 its last batch.
-    (tmp_path / "crash_cb.py").write_text(CRASH)
-    env = {"PYTHONPATH": os.pathsep.join([str(tmp_path), *sys.path])}
+    env = callback_env(tmp_path, "crash_cb", CRASH_CALLBACK)
     died = _fit(tmp_path, tiny_model_dir, "crashed", "--trainer.callbacks+=crash_cb.CrashAfter",
                 f"--trainer.callbacks.step={crash_step}", env=env)
     assert died.returncode == 9, died.stderr[-3000:]
@@ -138,4 +113,4 @@ def test_resume_in_a_later_epoch_matches_uninterrupted(tmp_path, tiny_model_dir,
     assert ckpt["global_step"] == saved_step and ckpt["epoch"] == 2
     resumed = _fit(tmp_path, tiny_model_dir, "crashed", "--ckpt_path", "last")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    _assert_same_adapter(straight_run, tmp_path / "crashed/adapter")
+    assert_same_adapter(straight_run, tmp_path / "crashed/adapter")
