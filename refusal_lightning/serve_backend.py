@@ -26,6 +26,10 @@ from typing import Any
 from refusal_lightning.http_json import RequestError
 from refusal_lightning.serve_request import DEFAULT_MAX_TOKENS_LIMIT, ChatRequest
 
+# A batch that has company stays open while requests keep arriving at most this far apart: closed-loop
+# clients on 2 busy cores send their next requests over tens of milliseconds after a batch returns.
+ARRIVAL_GAP_S = 0.02
+
 
 def _resolve_device(device: str) -> str:
     import torch
@@ -94,9 +98,9 @@ class ChatBackend:
         max_tokens_limit: most tokens a request may ask for; more is a 400.
         max_batch_size: most requests per ``generate`` call (1 = one at a time).
         batch_wait_ms: how long the oldest waiting request waits for others to join its batch.
-        busy_batch_wait_ms: the same wait while clients send concurrently (several requests were in the
-            server when the last batch was taken): the batch closes once that many are waiting, or after
-            this long.
+        busy_batch_wait_ms: the most a batch stays open while requests keep arriving (each less than
+            ``ARRIVAL_GAP_S`` after the one before) or, when the last batch saw several requests, while
+            waiting for a first mate.
     """
 
     def __init__(self, model: str, adapters: dict[str, Path] | None = None, dtype: str = "float32",
@@ -238,9 +242,8 @@ class ChatBackend:
             if not self._gather(pending):
                 break
             batch = self._take_batch(pending)
-            # the load this batch saw: its rows plus those of its group still waiting; with closed-loop
-            # clients that is how many will be back for the next batch
-            self._load = len(batch) + sum(job.group == batch[0].group for job in pending)
+            # the load this batch saw: its rows plus those still waiting (> 1: clients send concurrently)
+            self._load = len(batch) + len(pending)
             self._answer(batch)
         closing = RequestError(503, "the server is shutting down", type_="server_error", code="shutting_down")
         for job in pending:
@@ -253,17 +256,17 @@ class ChatBackend:
         """Move queued jobs into ``pending`` until the oldest one's batch is full or its wait is over
         (measured from its arrival, so a job that waited behind a batch does not wait again).
 
-        Closed-loop clients (the evaluator's threads) send their next requests only once their replies
-        are back, so after a batch they trickle in over some milliseconds: while several requests were in
-        the server when the last batch was taken (its rows plus those still waiting), the head waits up to
-        ``busy_batch_wait_s`` for that many mates, instead of closing a small batch after ``batch_wait_s``
-        (counting only the last batch's rows, 16 clients settle into two alternating batches of about 8).
-        A lone client keeps the short wait.
+        A lone request waits ``batch_wait_s`` for a first mate. Closed-loop clients (the evaluator's
+        threads) send their next requests only once their replies are back, so after a batch they trickle
+        in over some milliseconds: once a mate has joined, or while several requests were in the server
+        when the last batch was taken, the batch stays open as long as requests keep arriving less than
+        ``ARRIVAL_GAP_S`` apart, up to ``busy_batch_wait_s`` after the oldest one's arrival.
         Returns False when ``close`` was called."""
         head = pending[0]
-        busy = self._load > 1
-        deadline = head.enqueued + (max(self.batch_wait_s, self.busy_batch_wait_s) if busy else self.batch_wait_s)
-        enough = min(self._load, self.max_batch_size) if busy else self.max_batch_size
+        cap = head.enqueued + max(self.batch_wait_s, self.busy_batch_wait_s)
+        deadline = head.enqueued + (max(self.batch_wait_s, self.busy_batch_wait_s) if self._load > 1
+                                    else self.batch_wait_s)
+        seen = len(pending)
         while True:
             with contextlib.suppress(queue.Empty):  # whatever already arrived joins before deciding
                 while True:
@@ -272,9 +275,14 @@ class ChatBackend:
                         return False
                     pending.append(job)
             mates = sum(job.group == head.group for job in pending)
-            if self.max_batch_size == 1 or head.group[1] == "seeded" or mates >= enough:
+            if self.max_batch_size == 1 or head.group[1] == "seeded" or mates >= self.max_batch_size:
                 return True
-            timeout = deadline - time.monotonic()
+            now = time.monotonic()
+            if len(pending) > seen:  # someone arrived: keep the batch open while they keep coming
+                seen = len(pending)
+                if mates > 1:
+                    deadline = min(cap, now + ARRIVAL_GAP_S)
+            timeout = deadline - now
             if timeout <= 0:
                 return True
             try:
