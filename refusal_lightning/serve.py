@@ -15,9 +15,8 @@ Endpoints, following vLLM's conventions so ``evaluate`` treats both alike:
 
 Concurrent requests are batched. HTTP handler threads validate and tokenize a request (so a prompt over
 the context limit gets its 400 at once), queue it, and wait; one worker thread owns the model. It takes
-the oldest waiting request, lets others join for ``--batch_wait_ms`` (or, while clients are sending
-concurrently, i.e. several requests were in the server when the last batch was taken, until that many
-have arrived or ``--busy_batch_wait_ms`` is over), and answers up to
+the oldest waiting request, lets others join for ``--batch_wait_ms`` (once one has joined, for as
+long as requests keep arriving less than 20 ms apart, up to ``--busy_batch_wait_ms``), and answers up to
 ``--max_batch_size`` of them with one left-padded ``generate`` call when they ask for the same model
 (base or adapter) and can share a decoding setup: all greedy ones together, unseeded sampling ones with
 equal temperature/top_p together; a seeded sampling request runs alone so its seed gives the same
@@ -233,9 +232,9 @@ def serve(
             seeded sampling request runs alone. Greedy answers do not depend on it; 1 = one at a time.
         batch_wait_ms: how long the oldest waiting request waits for others to join its batch; more
             fills batches at low concurrency, at that much added latency.
-        busy_batch_wait_ms: the wait while clients send concurrently (several requests were in the server
-            when the last batch was taken: its rows and those still waiting): the batch closes as soon as
-            that many are waiting, or after this long.
+        busy_batch_wait_ms: the most a batch with company stays open while requests keep arriving (each
+            less than 20 ms after the one before); also how long the head waits for a first mate when the
+            last batch saw several requests.
             Keeps batches full under closed-loop clients whose next requests trickle in; a lone client
             still waits only --batch_wait_ms.
         log_requests: log one line per HTTP request to stderr.
