@@ -182,13 +182,11 @@ def _run_fit(stage: FitStage, resume: bool) -> None:
 def evaluated_adapters(fits: dict[str, FitStage], safe_lora_dir: Path | None = None) -> dict[str, Path]:
     """Adapter to serve on the plain base per model: the refusal LoRA, and for each attack (and baseline)
     its combined adapter (refusal + attack), which is the model the attack was trained as."""
-    out = {"refusal": fits["refusal"].output_dir}
-    out.update({name: fits[name].output_dir / COMBINED_DIR for name in (*ATTACKS, *VARIANTS) if name in fits})
+    folders = {name: fits[name].output_dir for name in TRAINED if name in fits}
     if safe_lora_dir is not None:
-        out["safe_lora"] = safe_lora_dir / COMBINED_DIR
-    if "asft" in fits:
-        out["asft"] = fits["asft"].output_dir / COMBINED_DIR
-    return out
+        folders["safe_lora"] = safe_lora_dir
+    return {"refusal": fits["refusal"].output_dir,
+            **{name: folders[name] / COMBINED_DIR for name in (*ATTACKS, *VARIANTS, *BASELINES) if name in folders}}
 
 
 def pipeline(

@@ -264,8 +264,7 @@ class ChatBackend:
         Returns False when ``close`` was called."""
         head = pending[0]
         cap = head.enqueued + max(self.batch_wait_s, self.busy_batch_wait_s)
-        deadline = head.enqueued + (max(self.batch_wait_s, self.busy_batch_wait_s) if self._load > 1
-                                    else self.batch_wait_s)
+        deadline = cap if self._load > 1 else head.enqueued + self.batch_wait_s
         seen = len(pending)
         while True:
             with contextlib.suppress(queue.Empty):  # whatever already arrived joins before deciding

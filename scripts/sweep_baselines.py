@@ -32,6 +32,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # run as a script from anywhere
     sys.path.insert(0, str(REPO))
 
+from refusal_lightning.formatting import interval  # noqa: E402
 from refusal_lightning.stacking import COMBINED_DIR  # noqa: E402
 
 PROXY = "refusal_lightning/data/proxy"
@@ -154,8 +155,7 @@ def sweep_table(rows: list[dict]) -> str:
     """Markdown: one row per model, validation refusal and over-refusal with 95% Wilson CIs, red NLL."""
 
     def rate(row: dict, key: str) -> str:
-        lo, hi = row[f"{key}_ci"]
-        return f"{100 * row[key]:.0f}% [{100 * lo:.0f}, {100 * hi:.0f}]"
+        return f"{100 * row[key]:.0f}% {interval(*row[f'{key}_ci'], decimals=0)}"
 
     lines = ["| model | setting | validation refusal | validation over-refusal | red NLL | projected / kept |",
              "|---|---|---:|---:|---:|---:|"]
