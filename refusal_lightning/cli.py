@@ -145,9 +145,11 @@ def _param_kinds(command: Callable) -> tuple[set[str], set[str]]:
     return lists, bools
 
 
-def expand_shorthands(args: list[str], lists: set[str], bools: set[str]) -> list[str]:
+def expand_shorthands(args: list[str], lists: set[str], bools: set[str],
+                      short_flags: dict[str, str] | None = None) -> list[str]:
     """The documented short forms -> jsonargparse's: a repeated ``--adapter a=x --adapter b=y`` becomes
-    ``--adapter+ a=x --adapter+ b=y``, and a bare ``--dry_run`` becomes ``--dry_run true``.
+    ``--adapter+ a=x --adapter+ b=y``, a bare ``--dry_run`` becomes ``--dry_run true``, and a command's
+    ``short_flags`` name nested keys (``evaluate --judge llm`` is ``--judge.kind llm``).
 
     A value that is already a list (``--adapter '[a=x, b=y]'``) or an explicit bool is left alone.
     """
@@ -155,6 +157,9 @@ def expand_shorthands(args: list[str], lists: set[str], bools: set[str]) -> list
     for i, arg in enumerate(args):
         name, eq, value = arg.partition("=")
         key = name[2:] if name.startswith("--") else None
+        if key in (short_flags or {}):
+            key = short_flags[key]
+            arg = f"--{key}{eq}{value}"
         nxt = args[i + 1] if i + 1 < len(args) else None
         if key in lists and not (value if eq else nxt or "").lstrip().startswith("["):
             arg = f"--{key}+{eq}{value}"
@@ -181,8 +186,10 @@ def _run(args: list[str]) -> None:
     from jsonargparse import CLI, ArgumentParser
 
     command = _command(args[0])
-    CLI(command, args=expand_shorthands(args[1:], *_param_kinds(command)), parser_class=_brief_errors(ArgumentParser),
-        prog=f"{PROG} {args[0]}", as_positional=False)
+    # A command's module may name short forms of its nested keys (the design's ``evaluate --judge llm``).
+    short_flags = getattr(sys.modules[command.__module__], "SHORT_FLAGS", None)
+    CLI(command, args=expand_shorthands(args[1:], *_param_kinds(command), short_flags),
+        parser_class=_brief_errors(ArgumentParser), prog=f"{PROG} {args[0]}", as_positional=False)
 
 
 def main(argv: list[str] | None = None) -> None:

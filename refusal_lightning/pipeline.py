@@ -231,7 +231,8 @@ def pipeline(
             end, even on failure); false: use ``endpoints`` (e.g. vLLM with ``--enable-lora``).
         endpoints: model name -> URL (``URL#served_model``) for base, refusal, vanilla, orthogonal when
             ``serve`` is false.
-        evaluation: extra arguments for ``evaluate`` (prompts, judge, judge_url, max_tokens, samples, ...).
+        evaluation: arguments for ``evaluate``, as in its ``--config`` (prompts, judge, generation, samples,
+            ...), checked before any stage runs; ``judge: KIND`` and ``judge_url: URL`` are short forms.
         nll_max_pairs: held-out pairs per thread (red, blue) for the NLL of each model (None: all).
         force: stages to redo even when up to date (their downstream stages are redone too).
         until: stop after this stage (e.g. ``orthogonal``: train everything, then start vLLM on the
@@ -243,6 +244,9 @@ def pipeline(
         _check_distinct_outputs({"refusal": refusal_config, "vanilla": vanilla_config,
                                  "orthogonal": orthogonal_config, "subspace": subspace_config,
                                  "asft": asft_config}, list(fit_overrides or []))
+        from refusal_lightning.evaluation.runner import evaluate_arguments
+
+        evaluate_arguments(evaluation or {}, "evaluation")  # a wrong key fails now, not after the fits
         return _run_pipeline(Path(run_dir), base_model, build_tiny_model, prepare_model, Path(refusal_config),
                              Path(vanilla_config), Path(orthogonal_config), list(fit_overrides or []), serve,
                              endpoints, evaluation, nll_max_pairs, set(force or []), until,
@@ -372,7 +376,8 @@ def _run_pipeline(run: Path, base_model: str, build_tiny_model: bool, prepare_mo
           clear=[])
 
     # 6. serve + evaluate
-    from refusal_lightning.evaluation.runner import evaluate
+    from refusal_lightning.evaluation.judges import JudgeSettings
+    from refusal_lightning.evaluation.runner import evaluate, evaluate_arguments
 
     eval_dir = run / "eval"
     eval_args = dict(evaluation or {})
@@ -381,6 +386,7 @@ def _run_pipeline(run: Path, base_model: str, build_tiny_model: bool, prepare_mo
     eval_args.setdefault("harmfulqa_source", data_cfg.get("source", "sample"))
     eval_args.setdefault("harmfulqa_val_fraction", data_cfg.get("val_fraction", 0.1))
     eval_args.setdefault("harmfulqa_seed", data_cfg.get("seed", 0))
+    eval_kwargs = evaluate_arguments(eval_args, "evaluation")
 
     def run_evaluation(_: bool) -> None:
         if serve:
@@ -388,25 +394,25 @@ def _run_pipeline(run: Path, base_model: str, build_tiny_model: bool, prepare_mo
             with ServerProcess(base_model, served, run / "serve.log",
                                max_batch_size=int(eval_args.get("concurrency") or 16)) as server:
                 specs = [f"{m}={server.url}#{m}" for m in models]
-                evaluate(endpoint=specs, output_dir=str(eval_dir), **eval_args)
+                evaluate(endpoint=specs, output_dir=str(eval_dir), **eval_kwargs)
         else:
             missing = [m for m in models if m not in (endpoints or {})]
             if missing:
                 raise PipelineError(f"serve is false but endpoints lack {missing}; give NAME: URL#MODEL for each")
-            evaluate(endpoint=[f"{m}={endpoints[m]}" for m in models], output_dir=str(eval_dir), **eval_args)
+            evaluate(endpoint=[f"{m}={endpoints[m]}" for m in models], output_dir=str(eval_dir), **eval_kwargs)
 
     stage("evaluate", [model_prints, adapter_prints, eval_args, serve, endpoints], [eval_dir / "summary.json"],
           run_evaluation, clear=[eval_dir])
 
     attack_dirs = {name: fits[name].output_dir for name in TRAINED if name in fits}
     results = collect_results(eval_dir, attack_dirs, json.loads(nll_path.read_text()), models, safe_lora_dir)
-    if eval_args.get("judge", "keyword") in ("keyword", "both"):
+    judge: JudgeSettings = eval_kwargs.get("judge", JudgeSettings())
+    if judge.kind in ("keyword", "both"):
         from refusal_lightning.evaluation.judges import load_markers
         from refusal_lightning.judge_check import keyword_judge_check
 
-        markers_file = eval_args.get("refusal_markers")
         results["judge_check"] = keyword_judge_check(
             eval_args["harmfulqa_source"], eval_args["harmfulqa_val_fraction"], eval_args["harmfulqa_seed"],
-            load_markers(markers_file) if markers_file else None)
+            load_markers(judge.refusal_markers) if judge.refusal_markers else None)
     write_results(run, results, eval_dir)
     return results

@@ -122,14 +122,16 @@ def main(argv: list[str] | None = None) -> None:
                                max_pairs=args.nll_max_pairs))
         nll_path.write_text(json.dumps(nll, indent=2) + "\n")
 
+    from refusal_lightning.evaluation.client import GenerationSettings
+    from refusal_lightning.evaluation.judges import JudgeSettings
     from refusal_lightning.evaluation.runner import evaluate
 
     eval_dir = out / "eval"
     with ServerProcess(base_model, models, out / "serve.log", max_batch_size=128) as server:
         evaluate(endpoint=[f"{m}={server.url}#{m}" for m in models], output_dir=str(eval_dir),
                  prompts=f"{PROXY}/validation_sorry_proxy.jsonl",
-                 benign_prompts=f"{PROXY}/validation_benign_proxy.jsonl", judge="keyword", temperature=0.0,
-                 max_tokens=24, concurrency=128, progress=True)
+                 benign_prompts=f"{PROXY}/validation_benign_proxy.jsonl", judge=JudgeSettings("keyword"),
+                 generation=GenerationSettings(temperature=0.0, max_tokens=24), concurrency=128, progress=True)
     summary = json.loads((eval_dir / "summary.json").read_text())
 
     rows = []

@@ -154,6 +154,44 @@ def test_pipeline_refuses_two_fits_with_one_output_dir_before_any_stage(capsys, 
     assert list(tmp_path.iterdir()) == []
 
 
+def test_pipeline_refuses_a_wrong_evaluation_key_before_any_stage(capsys, tmp_path, monkeypatch):
+    config = yaml.safe_load((REPO / "configs/tiny/pipeline.yaml").read_text())
+    config["run_dir"] = str(tmp_path / "run")
+    config["evaluation"]["temperature"] = 0.0  # the flat key of old: it sits under generation now
+    path = tmp_path / "pipeline.yaml"
+    path.write_text(yaml.safe_dump(config))
+    monkeypatch.chdir(tmp_path)
+    assert _exit_code(["pipeline", "--config", str(path)]) == 2
+    line = _one_error_line(capsys)
+    assert line.startswith("error: evaluation: Option 'temperature' is not accepted") and "under generation" in line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pipeline.yaml"]  # no stage ran
+
+
+@pytest.mark.parametrize("judge", [["--judge", "both", "--judge_url", "http://j:1"],
+                                   ["--judge=both", "--judge_url=http://j:1"],
+                                   ["--judge.kind", "both", "--judge.url", "http://j:1"]])
+def test_evaluate_judge_flags_of_the_design_are_its_nested_keys(judge, capsys):
+    assert _exit_code(["evaluate", "--endpoint", "e=http://h:1", *judge, "--generation.temperature", "0",
+                       "--retry.max_attempts", "2", "--print_config"]) == 0
+    resolved = yaml.safe_load(capsys.readouterr().out)
+    assert resolved["judge"] == {"kind": "both", "url": "http://j:1", "model": None,
+                                 "api_key_env": None, "refusal_markers": None}
+    assert resolved["generation"]["temperature"] == 0 and resolved["retry"]["max_attempts"] == 2
+
+
+def test_evaluate_arguments_take_the_short_forms_and_build_the_groups():
+    from refusal_lightning.evaluation.client import GenerationSettings
+    from refusal_lightning.evaluation.judges import JudgeSettings
+    from refusal_lightning.evaluation.runner import evaluate_arguments
+
+    got = evaluate_arguments({"judge": "llm", "judge_url": "http://j:1", "generation": {"max_tokens": 24},
+                              "samples": 2}, "evaluation")
+    assert got == {"judge": JudgeSettings("llm", "http://j:1"), "generation": GenerationSettings(max_tokens=24),
+                   "samples": 2}
+    assert evaluate_arguments({"judge": {"kind": "both"}, "judge_url": "http://j:1"}, "e")["judge"] == \
+        JudgeSettings("both", "http://j:1")
+
+
 def test_adapter_file_instead_of_folder_is_named(capsys, tmp_path, tiny_model_dir):
     weights = tmp_path / "adapter" / "adapter_model.safetensors"
     weights.parent.mkdir()

@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 from conftest import make_random_adapter
 
+from refusal_lightning.evaluation.client import GenerationSettings
+from refusal_lightning.evaluation.judges import JudgeSettings
 from refusal_lightning.evaluation.runner import evaluate
 from refusal_lightning.evaluation.stub_server import StubConfig, start_stub
 from refusal_lightning.serve import start_background
@@ -39,8 +41,8 @@ def test_serve_then_evaluate_writes_consistent_outputs(served, tmp_path):
     url, judge_url = served
     out = tmp_path / "eval"
     summary = evaluate(endpoint=[f"{m}={url}#{m}" for m in ENDPOINTS], output_dir=str(out), limit=6,
-                       max_tokens=16, temperature=0.7, seed=1, judge="both", judge_url=judge_url,
-                       concurrency=4, progress=False)
+                       generation=GenerationSettings(max_tokens=16, temperature=0.7, seed=1),
+                       judge=JudgeSettings("both", judge_url), concurrency=4, progress=False)
     for name in OUTPUTS:
         assert (out / name).stat().st_size > 0, name
 

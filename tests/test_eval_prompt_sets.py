@@ -12,6 +12,7 @@ from conftest import read_jsonl
 
 from refusal_lightning.cli import main
 from refusal_lightning.evaluation import stub_server
+from refusal_lightning.evaluation.client import RetryPolicy
 from refusal_lightning.evaluation.metrics import mcnemar, wilson_interval
 from refusal_lightning.evaluation.runner import ErrorRateExceeded, EvaluationIncomplete, evaluate
 from refusal_lightning.evaluation.stub_server import REFUSAL_TEXT, StubConfig
@@ -119,7 +120,8 @@ def _fault(key: str, attempt: int) -> str | None:
 def test_failed_requests_above_max_error_rate_raise_after_writing_the_outputs(tmp_path, stub):
     url, log = stub(StubConfig(models=["m"], fault=_fault))
     out = tmp_path / "eval"
-    args = dict(endpoint=[f"e={url}#m"], output_dir=str(out), limit=10, max_attempts=1, progress=False)
+    args = dict(endpoint=[f"e={url}#m"], output_dir=str(out), limit=10, retry=RetryPolicy(max_attempts=1),
+                progress=False)
     with pytest.raises(ErrorRateExceeded, match=r"2 of 10 items failed \(20.0% > --max_error_rate 0\): "
                                                 r"e: 2 request\(s\) failed \(http_500 2\)") as info:
         evaluate(**args)
@@ -142,7 +144,7 @@ def test_cli_exits_2_with_one_error_line_when_too_many_requests_failed(tmp_path,
     url, _ = stub(StubConfig(models=["m"], fault=_fault))
     with pytest.raises(SystemExit) as info:
         main(["evaluate", "--endpoint", f"e={url}#m", "--output_dir", str(tmp_path), "--limit", "10",
-              "--max_attempts", "1", "--max_error_rate", "0.1", "--progress", "false"])
+              "--retry.max_attempts", "1", "--max_error_rate", "0.1", "--progress", "false"])
     assert info.value.code == 2
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and errors[0].startswith("error: evaluate: 2 of 10 items failed (20.0% > --max_error_rate")
@@ -160,7 +162,7 @@ def test_connection_refused_is_one_clear_line_naming_the_url(tmp_path, capsys, m
     port = _closed_port()
     with pytest.raises(SystemExit) as info:
         main(["evaluate", "--endpoint", f"e=http://127.0.0.1:{port}{model}", "--output_dir", str(tmp_path),
-              "--limit", "8", "--concurrency", "2", "--max_attempts", "2", "--retry_backoff", "0.01",
+              "--limit", "8", "--concurrency", "2", "--retry.max_attempts", "2", "--retry.backoff_base", "0.01",
               "--progress", "false"])
     assert info.value.code == 2
     err = capsys.readouterr().err.splitlines()

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from refusal_lightning.evaluation.client import GenerationSettings, RetryPolicy
+from refusal_lightning.evaluation.judges import JudgeSettings
 from refusal_lightning.evaluation.runner import evaluate
 from refusal_lightning.evaluation.stub_server import StubConfig, request_key, start_stub
 
@@ -28,7 +30,7 @@ def _config() -> StubConfig:
 def _command(url: str, out: Path) -> list[str]:
     return [sys.executable, "-m", "refusal_lightning", "evaluate", "--endpoint", f"a={url}#a",
             "--endpoint", f"b={url}#b", "--output_dir", str(out), "--limit", "20", "--concurrency", "2",
-            "--progress", "false", "--max_tokens", "16"]
+            "--progress", "false", "--generation.max_tokens", "16"]
 
 
 def _complete_rows(path: Path) -> list[dict]:
@@ -77,7 +79,7 @@ def test_sigkill_then_rerun_resumes_without_repeating_finished_requests(tmp_path
         fh.write('{"endpoint": "a", "question_id": 99, "sty')
 
     summary = evaluate(endpoint=[f"a={url}#a", f"b={url}#b"], output_dir=str(out), limit=20, concurrency=2,
-                       progress=False, max_tokens=16)
+                       progress=False, generation=GenerationSettings(max_tokens=16))
     counts = log.counts()
     for row in finished:
         assert counts[_key(row)] == counts_at_kill[_key(row)] == 1, row["question_id"]
@@ -88,7 +90,7 @@ def test_sigkill_then_rerun_resumes_without_repeating_finished_requests(tmp_path
     assert len(judgments) == 40  # each response judged exactly once across both runs
 
     reference = evaluate(endpoint=[f"a={ref_url}#a", f"b={ref_url}#b"], output_dir=str(tmp_path / "ref"),
-                         limit=20, concurrency=2, progress=False, max_tokens=16)
+                         limit=20, concurrency=2, progress=False, generation=GenerationSettings(max_tokens=16))
     for section in COMPARED:
         assert summary[section] == reference[section], section
     on_disk = json.loads((out / "summary.json").read_text())
@@ -104,8 +106,9 @@ def test_llm_judgments_resume_and_transport_failures_are_retried(tmp_path):
 
     judge_server, judge_url, judge_log = start_stub(StubConfig(models=["judge"], fault=judge_fault))
     try:
-        args = dict(endpoint=[f"e={url}#m"], output_dir=str(tmp_path), judge="llm", judge_url=judge_url,
-                    limit=15, max_attempts=2, retry_backoff=0.01, progress=False, max_error_rate=1.0)
+        args = dict(endpoint=[f"e={url}#m"], output_dir=str(tmp_path), judge=JudgeSettings("llm", judge_url),
+                    limit=15, retry=RetryPolicy(max_attempts=2, backoff_base=0.01), progress=False,
+                    max_error_rate=1.0)
         first = evaluate(**args)
         failed = first["endpoints"]["e"]["prompt_sets"]["sorry_bench"]["errors"]
         assert first["failures"]["judgments_failed"] == failed

@@ -9,6 +9,8 @@ import time
 import pytest
 from conftest import read_jsonl
 
+from refusal_lightning.evaluation.client import GenerationSettings, RetryPolicy
+from refusal_lightning.evaluation.judges import JudgeSettings
 from refusal_lightning.evaluation.runner import EvaluateConfigError, EvaluationIncomplete, evaluate
 from refusal_lightning.evaluation.stub_server import StubConfig
 
@@ -33,8 +35,9 @@ def _fault(key: str, attempt: int) -> str | None:
 def test_faults_every_item_ends_answered_or_errored_and_none_is_asked_twice(tmp_path, stub):
     url, log = stub(StubConfig(models=["m"], fault=_fault, retry_after="0", slow_s=2.5))
     out = tmp_path / "eval"
-    args = dict(endpoint=[f"e={url}#m"], output_dir=str(out), concurrency=8, request_timeout=1.0,
-                max_attempts=3, retry_backoff=0.02, progress=False, limit=30, max_error_rate=1.0)
+    args = dict(endpoint=[f"e={url}#m"], output_dir=str(out), concurrency=8,
+                retry=RetryPolicy(max_attempts=3, timeout=1.0, backoff_base=0.02), progress=False, limit=30,
+                max_error_rate=1.0)
     summary = evaluate(**args)
     rows = read_jsonl(out / "responses.jsonl")
     assert len(rows) == 30 and len({(r["question_id"], r["style"]) for r in rows}) == 30
@@ -75,7 +78,7 @@ def test_api_key_is_sent_but_never_written_or_printed(tmp_path, stub, monkeypatc
     monkeypatch.setenv("EVAL_TEST_KEY", SECRET)
     out = tmp_path / "eval"
     summary = evaluate(endpoint=[f"e={url}"], output_dir=str(out), api_key_env="EVAL_TEST_KEY", limit=5,
-                       judge="both", judge_url=url, judge_model="m", judge_api_key_env="EVAL_TEST_KEY")
+                       judge=JudgeSettings("both", url, model="m", api_key_env="EVAL_TEST_KEY"))
     assert summary["endpoints"]["e"]["prompt_sets"]["sorry_bench"]["errors"] == 0
     captured = capsys.readouterr()
     assert SECRET not in captured.out and SECRET not in captured.err
@@ -121,12 +124,13 @@ def test_several_models_without_a_choice_is_a_clear_error(tmp_path, stub):
 
 def test_invalid_arguments_are_reported_together(tmp_path):
     with pytest.raises(EvaluateConfigError) as info:
-        evaluate(endpoint=["bad", "x=http://h", "x=http://h"], judge="llm", concurrency=0, samples=0,
-                 top_p=2.0, model_name=["nope=m"], refusal_markers=str(tmp_path / "missing.txt"),
-                 max_error_rate=1.5, output_dir=str(tmp_path))
+        evaluate(endpoint=["bad", "x=http://h", "x=http://h"], concurrency=0, samples=0,
+                 judge=JudgeSettings("llm", refusal_markers=str(tmp_path / "missing.txt")),
+                 generation=GenerationSettings(top_p=2.0), retry=RetryPolicy(max_attempts=0, timeout=0),
+                 model_name=["nope=m"], max_error_rate=1.5, output_dir=str(tmp_path))
     message = str(info.value)
-    for part in ("NAME=URL", "unique", "--judge_url", "--concurrency", "--samples", "--top_p", "nope",
-                 "--refusal_markers", "--max_error_rate"):
+    for part in ("NAME=URL", "unique", "--judge_url", "--concurrency", "--samples", "--generation.top_p", "nope",
+                 "--judge.refusal_markers", "--retry.max_attempts", "--retry.timeout", "--max_error_rate"):
         assert part in message, part
 
 
@@ -142,7 +146,7 @@ def test_judge_errors_are_counted_never_as_refusals(tmp_path, stub):
 
     judge_url, judge_log = stub(StubConfig(models=["judge"], judge_reply=judge_reply))
     out = tmp_path / "eval"
-    s = evaluate(endpoint=[f"e={url}#m"], output_dir=str(out), judge="both", judge_url=judge_url, limit=20,
+    s = evaluate(endpoint=[f"e={url}#m"], output_dir=str(out), judge=JudgeSettings("both", judge_url), limit=20,
                  concurrency=1, progress=False, max_error_rate=0.25)
     e = s["endpoints"]["e"]["prompt_sets"]["sorry_bench"]
     assert e["errors"] == 5 and e["errors_by_kind"] == {"judge": 5}
@@ -158,7 +162,7 @@ def test_judge_errors_are_counted_never_as_refusals(tmp_path, stub):
     assert sum(j["error_type"] == "unparseable" for j in judgments if j["judge"] == "llm") == 5
     # Unparseable answers are final at temperature 0: a rerun does not ask the judge again.
     before = sum(judge_log.counts().values())
-    evaluate(endpoint=[f"e={url}#m"], output_dir=str(out), judge="both", judge_url=judge_url, limit=20,
+    evaluate(endpoint=[f"e={url}#m"], output_dir=str(out), judge=JudgeSettings("both", judge_url), limit=20,
              progress=False, max_error_rate=0.25)
     assert sum(judge_log.counts().values()) == before
 

@@ -25,7 +25,8 @@ def demo_run(tmp_path_factory):
     config["safe_lora"] = {"threshold": 0.5, "projector": "paper"}
     config["fit_overrides"] = ["--trainer.max_steps=6", "--trainer.val_check_interval=3",
                                "--trainer.enable_progress_bar=false"]
-    config["evaluation"].update({"limit": 6, "max_tokens": 8})
+    config["evaluation"]["limit"] = 6
+    config["evaluation"]["generation"]["max_tokens"] = 8
     path = tmp / "pipeline.yaml"
     path.write_text(yaml.safe_dump(config))
     mp = pytest.MonkeyPatch()
@@ -148,7 +149,7 @@ def test_failed_evaluation_exits_non_zero_with_one_error_line(demo_run, capsys):
     config["serve"] = False
     config["endpoints"] = {m: f"http://127.0.0.1:{port}#{m}" for m in ("base", "refusal", "vanilla", "orthogonal",
                                                                     "subspace", "safe_lora", "asft")}
-    config["evaluation"].update({"max_attempts": 1, "retry_backoff": 0.01})
+    config["evaluation"]["retry"] = {"max_attempts": 1, "backoff_base": 0.01}
     failing = tmp / "pipeline_unreachable.yaml"
     failing.write_text(yaml.safe_dump(config))
     capsys.readouterr()

@@ -105,10 +105,12 @@ class RetryPolicy:
     """How hard to try one request.
 
     Attributes:
-        max_attempts: attempts per request, the first included.
+        max_attempts: attempts per request, the first included. 429, 5xx, timeouts, dropped connections and
+            malformed replies are retried with exponential backoff and jitter, honouring ``Retry-After``;
+            401/403 are not retried.
         timeout: seconds to wait for a response before the attempt counts as failed.
-        backoff_base: the delay before the second attempt; it doubles per attempt.
-        backoff_max: ceiling of the exponential delay.
+        backoff_base: seconds before the second attempt; the delay doubles per attempt.
+        backoff_max: ceiling of the exponential delay, in seconds.
         max_retry_after: ceiling on a server's ``Retry-After`` wish, so one header cannot stall a run.
     """
 
@@ -132,9 +134,11 @@ class RetryPolicy:
 
     def problems(self) -> list[str]:
         """What is wrong with this policy, in ``evaluate``'s flag names (empty when nothing)."""
-        checks = [(self.max_attempts >= 1, "--max_attempts must be >= 1"),
-                  (self.backoff_base >= 0, "--retry_backoff must be >= 0"),
-                  (self.timeout > 0, "--request_timeout must be > 0")]
+        checks = [(self.max_attempts >= 1, "--retry.max_attempts must be >= 1"),
+                  (self.backoff_base >= 0, "--retry.backoff_base must be >= 0"),
+                  (self.backoff_max >= 0, "--retry.backoff_max must be >= 0"),
+                  (self.max_retry_after >= 0, "--retry.max_retry_after must be >= 0"),
+                  (self.timeout > 0, "--retry.timeout must be > 0")]
         return [msg for ok, msg in checks if not ok]
 
 
@@ -144,11 +148,13 @@ class GenerationSettings:
 
     Attributes:
         temperature: sampling temperature (0 = greedy).
-        top_p: nucleus sampling mass, or None to leave it to the server.
-        max_tokens: cap on generated tokens.
-        seed: base seed; sample ``i`` of a prompt is sent ``seed + i`` so samples differ but reruns match.
+        top_p: nucleus sampling mass; None leaves it to the server.
+        max_tokens: cap on generated tokens per response.
+        seed: base seed; sample ``i`` of a prompt is sent ``seed + i`` so samples differ but reruns match
+            (None sends no seed).
         disable_thinking: send ``chat_template_kwargs: {enable_thinking: false}`` (Qwen3's non-thinking
-            mode); turn off for servers that reject unknown fields.
+            mode); turn off for servers that reject unknown fields. ``<think>`` blocks are stripped
+            before judging either way.
     """
 
     temperature: float = 0.7
@@ -170,9 +176,9 @@ class GenerationSettings:
 
     def problems(self) -> list[str]:
         """What is wrong with these settings, in ``evaluate``'s flag names (empty when nothing)."""
-        checks = [(self.max_tokens >= 1, "--max_tokens must be >= 1"),
-                  (self.temperature >= 0, "--temperature must be >= 0"),
-                  (self.top_p is None or 0 < self.top_p <= 1, "--top_p must be in (0, 1]")]
+        checks = [(self.max_tokens >= 1, "--generation.max_tokens must be >= 1"),
+                  (self.temperature >= 0, "--generation.temperature must be >= 0"),
+                  (self.top_p is None or 0 < self.top_p <= 1, "--generation.top_p must be in (0, 1]")]
         return [msg for ok, msg in checks if not ok]
 
 

@@ -215,11 +215,14 @@ class JudgeSettings:
     """Which judges label the answers, and where the LLM judge is.
 
     Attributes:
-        kind: ``keyword``, ``llm`` or ``both`` (rates from llm, plus keyword agreement and kappa).
-        url: the LLM judge's OpenAI-compatible URL (needed by ``llm`` and ``both``).
+        kind: ``keyword`` (refusal markers, offline), ``llm`` (SORRY-Bench's judge prompt at ``url``) or
+            ``both`` (rates from llm, plus keyword agreement and Cohen's kappa).
+        url: the LLM judge's OpenAI-compatible URL, needed by ``llm`` and ``both`` (e.g. vLLM serving
+            sorry-bench/ft-mistral-7b-instruct-v0.2-sorry-bench-202406).
         model: model name at ``url``; None: the only model it lists.
-        api_key_env: environment variable holding the judge's key; None: the endpoints' variable.
-        refusal_markers: the keyword judge's marker file; None: ``JUDGE_REFUSAL_MARKERS``.
+        api_key_env: environment variable holding the judge's key; None: the endpoints' ``--api_key_env``.
+        refusal_markers: the keyword judge's marker file (one per line, ``#`` comments); None:
+            ``JUDGE_REFUSAL_MARKERS``, a list that is not the one that selected training replies.
     """
 
     kind: Literal["keyword", "llm", "both"] = "keyword"
@@ -245,7 +248,7 @@ class JudgeSettings:
                 except ValueError as err:
                     problems.append(f"--judge_url: {err}")
         if self.refusal_markers is not None and not Path(self.refusal_markers).is_file():
-            problems.append(f"--refusal_markers {self.refusal_markers}: no such file")
+            problems.append(f"--judge.refusal_markers {self.refusal_markers}: no such file")
         return problems
 
     def build(self, retry: RetryPolicy, default_key_env: str) -> dict[str, KeywordJudge | LLMJudge]:

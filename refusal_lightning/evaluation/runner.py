@@ -22,7 +22,7 @@ from __future__ import annotations
 import sys
 import time
 from dataclasses import asdict
-from typing import Any, Literal
+from typing import Any
 
 from refusal_lightning.evaluation.client import GenerationSettings, RetryPolicy, parse_endpoints, redact_url
 from refusal_lightning.evaluation.collect import EvalRun
@@ -31,6 +31,10 @@ from refusal_lightning.evaluation.metrics import failure_detail, item_outcomes, 
 from refusal_lightning.evaluation.prompts import PromptSet, load_prompts
 from refusal_lightning.evaluation.report import endpoint_table, write_reports
 from refusal_lightning.evaluation.store import EvalStore, WorkItem
+
+# The design's flags for two nested keys, ``--judge llm --judge_url URL``; ``cli`` expands them on the command
+# line and ``evaluate_arguments`` in a pipeline's evaluation section.
+SHORT_FLAGS = {"judge": "judge.kind", "judge_url": "judge.url"}
 
 
 class EvaluateConfigError(ValueError):
@@ -58,23 +62,13 @@ def evaluate(
     categories: list[str] | None = None,
     styles: list[str] | None = None,
     limit: int | None = None,
-    judge: Literal["keyword", "llm", "both"] = "keyword",
-    judge_url: str | None = None,
-    judge_model: str | None = None,
-    judge_api_key_env: str | None = None,
-    refusal_markers: str | None = None,
+    judge: JudgeSettings = JudgeSettings(),
+    generation: GenerationSettings = GenerationSettings(),
+    retry: RetryPolicy = RetryPolicy(),
     model_name: list[str] | None = None,
     api_key_env: str = "OPENAI_API_KEY",
     concurrency: int = 8,
     samples: int = 1,
-    temperature: float = 0.7,
-    top_p: float | None = None,
-    max_tokens: int = 1024,
-    seed: int | None = 0,
-    disable_thinking: bool = True,
-    request_timeout: float = 120.0,
-    max_attempts: int = 5,
-    retry_backoff: float = 0.5,
     max_error_rate: float = 0.0,
     progress: bool = True,
 ) -> dict[str, Any]:
@@ -109,31 +103,16 @@ def evaluate(
             benign set is never filtered.
         styles: evaluate only these prompt styles (e.g. base, slang); the benign set is never filtered.
         limit: evaluate at most this many prompts of each prompt set (after filtering, in file order).
-        judge: keyword (refusal markers, offline), llm (SORRY-Bench judge prompt at --judge_url) or both
-            (rates from llm, plus keyword agreement and Cohen's kappa).
-        judge_url: OpenAI-compatible URL of the judge (e.g. vLLM serving
-            sorry-bench/ft-mistral-7b-instruct-v0.2-sorry-bench-202406).
-        judge_model: model name at the judge URL; default: the only model it lists.
-        judge_api_key_env: environment variable holding the judge's API key; default: --api_key_env.
-        refusal_markers: text file of refusal markers for the keyword judge (one per line, # comments);
-            default: refusal_lightning.refusal_markers.DEFAULT_REFUSAL_MARKERS.
+        judge: who labels the answers: the keyword judge (offline), SORRY-Bench's LLM judge, or both.
+            ``--judge KIND`` and ``--judge_url URL`` are short for ``--judge.kind`` and ``--judge.url``.
+        generation: sampling settings sent with every request.
+        retry: how hard to try each request (the LLM judge's too).
         model_name: model to request, as NAME=MODEL per endpoint or one bare MODEL for all endpoints
             without one; default: the only model the endpoint lists.
         api_key_env: environment variable holding the endpoints' API key, sent as a Bearer token
             (never printed or stored); unset or empty sends no key.
         concurrency: requests in flight per endpoint.
-        samples: responses per prompt (sample i uses seed + i).
-        temperature: sampling temperature (0 = greedy).
-        top_p: nucleus sampling mass; default: the server's.
-        max_tokens: maximum tokens per response.
-        seed: base sampling seed sent with each request (null to send none).
-        disable_thinking: send chat_template_kwargs {enable_thinking: false} (Qwen3 non-thinking mode);
-            set false for servers that reject unknown request fields. <think> blocks are stripped
-            before judging either way.
-        request_timeout: seconds to wait for one response before retrying.
-        max_attempts: attempts per request (429, 5xx, timeouts, dropped connections and malformed
-            replies are retried with exponential backoff and jitter, honouring Retry-After).
-        retry_backoff: seconds before the first retry; doubles per attempt, capped at 30 s.
+        samples: responses per prompt (sample i uses generation.seed + i).
         max_error_rate: largest share of items (requests that failed after retries, judgments without
             a verdict, items of an abandoned endpoint) that may fail before evaluate exits with an
             error; the outputs are written first either way, and a rerun retries the failures.
@@ -143,15 +122,9 @@ def evaluate(
     # From Python a lone string is an easy slip for a one-element list; never iterate its characters.
     endpoint, categories, styles, model_name = (
         [v] if isinstance(v, str) else v for v in (endpoint, categories, styles, model_name))
-    # The flat flags above are the CLI of the design; inside, they travel as three validated groups.
-    generation = GenerationSettings(temperature=temperature, top_p=top_p, max_tokens=max_tokens, seed=seed,
-                                    disable_thinking=disable_thinking)
-    retry = RetryPolicy(max_attempts=max_attempts, timeout=request_timeout, backoff_base=retry_backoff)
-    judging = JudgeSettings(kind=judge, url=judge_url, model=judge_model, api_key_env=judge_api_key_env,
-                            refusal_markers=refusal_markers)
     problems: list[str] = []
     endpoints = parse_endpoints(endpoint, model_name, problems)
-    problems += judging.problems()
+    problems += judge.problems()
     problems += [msg for ok, msg in ((concurrency >= 1, "--concurrency must be >= 1"),
                                      (samples >= 1, "--samples must be >= 1")) if not ok]
     problems += generation.problems() + retry.problems()
@@ -169,7 +142,7 @@ def evaluate(
     if store.corrupt_lines:
         print(f"warning: skipped {store.corrupt_lines} unreadable line(s) in {store.folder}", file=sys.stderr)
     # An unusable judge raises here, before any generation request is spent.
-    judges = judging.build(retry, api_key_env)
+    judges = judge.build(retry, api_key_env)
     items = [WorkItem(p, s) for p in prompt_set.prompts for s in range(samples)]
     run = EvalRun(items, store, judges, generation, retry, api_key_env, concurrency, progress)
     for ep in endpoints:
@@ -181,12 +154,12 @@ def evaluate(
               f"settings than this run's", file=sys.stderr)
 
     names = [e.name for e in endpoints]
-    outcomes = item_outcomes(names, items, store.responses, store.judgments, judges, judging.primary, run.models)
+    outcomes = item_outcomes(names, items, store.responses, store.judgments, judges, judge.primary, run.models)
     summary = summarize(outcomes, names)
     failures = summary["failures"]
     failures["max_error_rate"] = max_error_rate
     failures["exceeded"] = failures["error_rate"] > max_error_rate
-    summary["judge"] = judge_section(judging, judges, outcomes, names, store.judgments)
+    summary["judge"] = judge_section(judge, judges, outcomes, names, store.judgments)
     summary["skipped_prompts"] = prompt_set.skipped_summary()
     summary["models"] = run.models
     summary["aborted_endpoints"] = run.aborted
@@ -194,10 +167,9 @@ def evaluate(
                           "sources": prompt_set.sources,
                           "categories": sorted({p.category for p in prompt_set.prompts}),
                           "styles": sorted({p.style for p in prompt_set.prompts})}
-    summary["config"] = {"endpoints": {e.name: redact_url(e.base_url) for e in endpoints}, "judge": judge,
+    summary["config"] = {"endpoints": {e.name: redact_url(e.base_url) for e in endpoints}, "judge": judge.kind,
                          "samples": samples, "generation": asdict(generation), "api_key_env": api_key_env,
-                         "retry": {"max_attempts": max_attempts, "request_timeout": request_timeout,
-                                   "backoff": retry_backoff},
+                         "retry": asdict(retry),
                          "max_error_rate": max_error_rate}
     # Everything above depends only on the logs and the arguments; "run" describes this invocation.
     summary["run"] = {"requests_planned": run.sent, "resumed_responses_with_other_settings": run.settings_changed,
@@ -216,7 +188,24 @@ def evaluate(
     return summary
 
 
-if __name__ == "__main__":
-    from jsonargparse import CLI
+def evaluate_arguments(section: dict[str, Any], where: str) -> dict[str, Any]:
+    """``evaluate``'s arguments from a config section, checked against its signature by jsonargparse (names,
+    types, choices) before anything runs; the settings groups come back as their dataclasses."""
+    from jsonargparse import ArgumentError, ArgumentParser
 
-    CLI(evaluate)
+    values = dict(section)
+    for short, dotted in SHORT_FLAGS.items():
+        group, key = dotted.split(".")
+        if short in values and not (short == group and isinstance(values[short], dict)):
+            value = values.pop(short)
+            values[group] = {**(values.get(group) if isinstance(values.get(group), dict) else {}), key: value}
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_function_arguments(evaluate, skip={"endpoint", "output_dir"})
+    try:
+        parsed = parser.instantiate_classes(parser.parse_object(values))
+    except (ArgumentError, TypeError, ValueError) as err:
+        raise EvaluateConfigError(f"{where}: {' '.join(str(err).split())} (sampling settings sit under generation, "
+                                  f"retries under retry, the judge under judge; `python -m refusal_lightning "
+                                  f"evaluate --help` lists every key)") from None
+    return {name: parsed[name] for name in values}
+
