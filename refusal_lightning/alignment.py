@@ -25,7 +25,7 @@ from typing import Literal
 
 import torch
 
-from refusal_lightning.projection import lowrank_inner, lowrank_svd
+from refusal_lightning.lowrank import lowrank_inner, lowrank_svd
 
 AlignmentProjector = Literal["paper", "exact"]
 PROJECTORS: tuple[str, ...] = ("paper", "exact")

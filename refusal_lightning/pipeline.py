@@ -14,9 +14,6 @@ import functools
 import hashlib
 import json
 import shutil
-import socket
-import subprocess
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -28,6 +25,7 @@ import yaml
 from refusal_lightning.checksums import file_sha256
 from refusal_lightning.files import atomic_write_text
 from refusal_lightning.results import collect_results, write_results
+from refusal_lightning.serve_process import ServerProcess
 from refusal_lightning.specs import split_spec
 from refusal_lightning.stacking import COMBINED_DIR
 
@@ -66,13 +64,6 @@ def _file_sha(path: Path) -> str:
     return file_sha256(path)[:16] if path.exists() else "missing"
 
 
-def free_port() -> int:
-    """A free TCP port on 127.0.0.1."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class State:
     """``pipeline_state.json``: per stage, its fingerprint and whether it finished (written atomically)."""
 
@@ -86,51 +77,6 @@ class State:
     def set(self, stage: str, **entry: Any) -> None:
         self.data[stage] = entry
         atomic_write_text(self.path, json.dumps(self.data, indent=2) + "\n")
-
-
-class ServerProcess:
-    """``python -m refusal_lightning serve`` in the background on a free loopback port; always stopped."""
-
-    def __init__(self, model: str, adapters: dict[str, Path], log_path: Path, timeout_s: float = 180,
-                 max_batch_size: int = 16):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.args = [sys.executable, "-m", "refusal_lightning", "serve", "--model", model,
-                     "--served_model_name", "base", "--port", str(self.port), "--max_batch_size", str(max_batch_size)]
-        for name, path in adapters.items():
-            self.args += ["--adapter", f"{name}={path}"]
-        self.log_path = log_path
-        self.timeout_s = timeout_s
-        self.proc: subprocess.Popen | None = None
-
-    def __enter__(self) -> ServerProcess:
-        import requests
-
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        self._log = open(self.log_path, "w")
-        self.proc = subprocess.Popen(self.args, stdout=self._log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + self.timeout_s
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise PipelineError(f"serve exited with code {self.proc.returncode}; see {self.log_path}")
-            try:
-                if requests.get(f"{self.url}/v1/models", timeout=2).ok:
-                    return self
-            except requests.RequestException:
-                pass
-            time.sleep(0.5)
-        self.__exit__()
-        raise PipelineError(f"serve did not answer within {self.timeout_s:.0f}s; see {self.log_path}")
-
-    def __exit__(self, *exc: object) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self._log.close()
 
 
 def _output_dir(config: Path, overrides: list[str]) -> Path:

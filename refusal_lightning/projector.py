@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from refusal_lightning.lowrank import lowrank_inner
 from refusal_lightning.projection import (
     PROJECTIONS,
     TARGETS,
@@ -21,7 +22,6 @@ from refusal_lightning.projection import (
     ModuleGroup,
     ProjectionConfig,
     build_group,
-    lowrank_inner,
 )
 
 

@@ -43,7 +43,7 @@ from refusal_lightning.checksums import file_sha256
 from refusal_lightning.directions import DirectionsError, _direction_key, load_directions, same_base_model
 from refusal_lightning.files import replace_dir
 from refusal_lightning.loading import check_adapter_dir
-from refusal_lightning.projection import lowrank_inner, lowrank_norm
+from refusal_lightning.lowrank import lowrank_inner, lowrank_norm
 from refusal_lightning.stacking import (
     COMBINED_DIR,
     CONFIG_FILE,

@@ -80,8 +80,8 @@ def main(argv: list[str] | None = None) -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
     from refusal_lightning.heldout_nll import heldout_nll
-    from refusal_lightning.pipeline import ServerProcess
     from refusal_lightning.safe_lora import safe_lora
+    from refusal_lightning.serve_process import ServerProcess
 
     pipe = yaml.safe_load(args.pipeline_config.read_text())
     run, base_model = Path(pipe["run_dir"]), pipe["base_model"]

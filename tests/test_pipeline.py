@@ -165,7 +165,7 @@ def test_failed_evaluation_exits_non_zero_with_one_error_line(demo_run, capsys):
 def test_server_batches_as_many_requests_as_the_evaluator_sends():
     from pathlib import Path
 
-    from refusal_lightning.pipeline import ServerProcess
+    from refusal_lightning.serve_process import ServerProcess
 
     args = ServerProcess("base-dir", {"refusal": Path("r")}, Path("serve.log"), max_batch_size=128).args
     assert args[args.index("--max_batch_size") + 1] == "128"

@@ -9,15 +9,13 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from refusal_lightning.lowrank import lowrank_inner, lowrank_norm, lowrank_svd
 from refusal_lightning.projection import (
     GRANULARITIES,
     MODES,
     TARGETS,
     LoraTarget,
     ProjectionConfig,
-    lowrank_inner,
-    lowrank_norm,
-    lowrank_svd,
     module_directions,
 )
 from refusal_lightning.projector import Projector
