@@ -198,12 +198,12 @@ def print_plan(uploads: list[AdapterUpload], namespace: str | None, private: boo
     print(f"Dry run: nothing is uploaded and no network call is made. New repos would be {visibility}.")
     if namespace is None:
         print(f"  (no --namespace: {NAMESPACE_PLACEHOLDER} stands for the user of your token)")
-    total_files = total_bytes = 0
+    owner, total_files, total_bytes = namespace or NAMESPACE_PLACEHOLDER, 0, 0
     for upload in uploads:
-        files = upload.commit_files(namespace or NAMESPACE_PLACEHOLDER)
+        files = upload.commit_files(owner)
         sizes = {rel: _size(data) for rel, data in files.items()}
         total_files, total_bytes = total_files + len(files), total_bytes + sum(sizes.values())
-        print(f"\n{upload.name}: {upload.path} -> {upload.repo_id(namespace or NAMESPACE_PLACEHOLDER)}")
+        print(f"\n{upload.name}: {upload.path} -> {upload.repo_id(owner)}")
         width = max(map(len, files))
         for rel, size in sizes.items():
             note = "  [generated model card]" if isinstance(files[rel], bytes) else ""
@@ -214,7 +214,7 @@ def print_plan(uploads: list[AdapterUpload], namespace: str | None, private: boo
         print(f"  total: {_count(len(files), 'file')}, {format_size(sum(sizes.values()))}")
     adapters = _count(len(uploads), "adapter")
     print(f"\nDry run: {adapters}, {_count(total_files, 'file')}, {format_size(total_bytes)} to upload.")
-    return {upload.name: upload.repo_id(namespace or NAMESPACE_PLACEHOLDER) for upload in uploads}
+    return {upload.name: upload.repo_id(owner) for upload in uploads}
 
 
 def push_adapters(uploads: list[AdapterUpload], *, api: HfApi, namespace: str | None = None, private: bool = False,
