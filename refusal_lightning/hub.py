@@ -1,16 +1,9 @@
 """Push adapter dirs to the Hugging Face Hub, one model repo per adapter, each with a model card.
 
-``push`` (the CLI command) runs three steps:
-
-1. :func:`plan_uploads` checks every adapter dir, name and repo name and parses every file the card is
-   built from, with no network call; all problems are raised together as one :class:`PushValidationError`.
-2. a dry run prints the plan (:func:`print_plan`) and stops;
-3. otherwise :func:`push_adapters` creates or reuses each repo (``exist_ok=True``) and uploads the adapter
-   files plus the card in one commit per adapter, so a repo never holds new weights with an old card.
-
-The card is uploaded from memory, so the user's adapter dir is never modified. The token is read from the
-environment (or the cached login), handed to :class:`huggingface_hub.HfApi` and nothing else: it is not
-printed, logged, written to the card, or kept in error messages.
+:func:`plan_uploads` checks everything with no network call and all problems are raised together; a dry run prints
+the plan; otherwise :func:`push_adapters` uploads each dir's files plus the card (rendered in memory: the dir is not
+modified) in one commit, so a repo never holds new weights with an old card. The token is handed to
+:class:`huggingface_hub.HfApi` and nothing else: it is not printed, logged, written, or kept in error messages.
 """
 
 from __future__ import annotations
@@ -24,15 +17,7 @@ from huggingface_hub import CommitOperationAdd, HfApi, get_token
 from huggingface_hub.errors import HFValidationError
 from huggingface_hub.utils import filter_repo_objects, validate_repo_id
 
-from refusal_lightning import __version__
-from refusal_lightning.model_card import (
-    ADAPTER_CONFIG,
-    CardInputs,
-    is_placeholder_card,
-    load_eval_summary,
-    read_card_inputs,
-    render_model_card,
-)
+from refusal_lightning import __version__, model_card
 from refusal_lightning.specs import split_spec
 
 ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
@@ -41,12 +26,9 @@ DEFAULT_COMMIT_MESSAGE = "Upload adapter with refusal_lightning push"
 # Shown in a dry run without --namespace: resolving the real one needs whoami(), a network call.
 NAMESPACE_PLACEHOLDER = "<your-hf-username>"
 # Not uploaded (huggingface_hub ignore patterns: fnmatch, `*` spans folders), by the reason a dry run shows.
-SKIPPED = {
-    "hidden file or folder": [".*", "*/.*"],
-    "cache folder": ["__pycache__/*", "*/__pycache__/*"],
-    # Lightning checkpoints hold the optimizer state and often the base weights: not an adapter.
-    "Lightning checkpoint, not part of the adapter": ["*.ckpt"],
-}
+# Lightning checkpoints hold the optimizer state and often the base weights: not an adapter.
+SKIPPED = {"hidden file or folder": [".*", "*/.*"], "cache folder": ["__pycache__/*", "*/__pycache__/*"],
+           "Lightning checkpoint, not part of the adapter": ["*.ckpt"]}
 # Files up to this size are searched for the token before upload; weights are larger and never hold it.
 MAX_SCANNED_BYTES = 16 * 2**20
 
@@ -56,23 +38,12 @@ class PushValidationError(ValueError):
 
     def __init__(self, problems: list[str]) -> None:
         self.problems = list(problems)
-        count = _count(len(problems), "problem")
-        super().__init__(f"cannot push ({count}):\n" + "\n".join(f"  - {p}" for p in problems))
+        lines = "".join(f"\n  - {p}" for p in problems)
+        super().__init__(f"cannot push ({_count(len(problems), 'problem')}):{lines}")
 
 
 class HubPushError(RuntimeError):
     """An upload failed; says which adapters were pushed before it, with any credential redacted."""
-
-
-@dataclass(frozen=True)
-class UploadFile:
-    """One file of a repo commit: read from disk (``source``) or generated in memory (``content``)."""
-
-    path_in_repo: str
-    size: int
-    source: Path | None = None
-    content: bytes | None = None
-    note: str = ""
 
 
 @dataclass
@@ -82,22 +53,18 @@ class AdapterUpload:
     name: str
     path: Path
     repo_name: str
-    files: list[UploadFile]
-    """Files taken from the adapter dir as they are."""
-    skipped: list[tuple[str, str]]
-    """``(path, reason)`` for what is in the dir but not uploaded."""
-    card_inputs: CardInputs | None
-    """None when the dir has its own README.md, which is then uploaded unchanged."""
+    files: list[str]  # taken from the dir as they are, relative to it (as in the repo)
+    skipped: list[tuple[str, str]]  # (path, reason) for what is in the dir but not uploaded
+    card_inputs: model_card.CardInputs | None  # None when the dir has its own README.md, uploaded unchanged
 
     def repo_id(self, namespace: str) -> str:
         return f"{namespace}/{self.repo_name}"
 
-    def commit_files(self, repo_id: str) -> list[UploadFile]:
-        """Exactly what one commit sends: the dir's files, plus the generated card where there is one."""
-        files = list(self.files)
+    def commit_files(self, namespace: str) -> dict[str, Path | bytes]:
+        """Exactly what one commit sends, path in repo -> file: the dir's files, plus the generated card."""
+        files: dict[str, Path | bytes] = {rel: self.path / rel for rel in self.files}
         if self.card_inputs is not None:
-            card = render_model_card(self.card_inputs, repo_id).encode("utf-8")
-            files.append(UploadFile(CARD_NAME, len(card), content=card, note="generated model card"))
+            files[CARD_NAME] = model_card.render_model_card(self.card_inputs, self.repo_id(namespace)).encode("utf-8")
         return files
 
 
@@ -149,57 +116,45 @@ def push(
     if dry_run:
         return print_plan(uploads, namespace=namespace, private=private)
     api = HfApi(token=token, library_name="refusal_lightning", library_version=__version__)
-    return push_adapters(
-        uploads, api=api, namespace=namespace, private=private, commit_message=commit_message
-    )
+    return push_adapters(uploads, api=api, namespace=namespace, private=private, commit_message=commit_message)
 
 
-def plan_uploads(
-    specs: list[str], repo_template: str, eval_summary: str | None, problems: list[str]
-) -> list[AdapterUpload]:
+def plan_uploads(specs: list[str], repo_template: str, eval_summary: str | None,
+                 problems: list[str]) -> list[AdapterUpload]:
     """Check NAME=PATH specs and their dirs without touching the network; append every problem found."""
     if not specs:
         problems.append("no adapters given: pass --adapter NAME=PATH (repeatable)")
     evaluation = None
     if eval_summary is not None:
         try:
-            evaluation = load_eval_summary(Path(eval_summary).expanduser())
+            evaluation = model_card.load_eval_summary(Path(eval_summary).expanduser())
         except ValueError as err:
             problems.append(str(err))
-    template_ok = True
+    template: str | None = repo_template
     try:
         repo_template.format(name="x")
     except (KeyError, IndexError, ValueError) as err:
         problems.append(f"--repo_template {repo_template!r}: only {{name}} may be used ({err!r})")
-        template_ok = False
-
+        template = None  # its repo names are not checked: each would repeat the problem above
     uploads: list[AdapterUpload] = []
-    names: dict[str, int] = {}
+    names: list[str] = []
     repo_names: dict[str, str] = {}
     for spec in specs:
         name, raw_path = split_spec(spec)
         if not name or not raw_path:
             problems.append(f"--adapter {spec!r}: expected NAME=PATH")
             continue
-        names[name] = names.get(name, 0) + 1
-        if names[name] == 2:
+        if names.count(name) == 1:
             problems.append(f"adapter name {name!r} is given more than once")
-        repo_name = repo_template.format(name=name) if template_ok else name
-        if template_ok:
-            if "/" in repo_name:
-                problems.append(
-                    f"{name}: repo name {repo_name!r} contains '/'; give the owner with --namespace instead"
-                )
-            else:
-                problems += [
-                    f"{name}: repo name {repo_name!r} {why}" for why in repo_name_problems(repo_name)
-                ]
-            other = repo_names.setdefault(repo_name, name)
-            if other != name:
+        names.append(name)
+        repo_name = name if template is None else template.format(name=name)
+        if template is not None:
+            hint = "; give the owner with --namespace instead" if "/" in repo_name else ""
+            problems += [f"{name}: repo name {repo_name!r} {why}{hint}" for why in repo_name_problems(repo_name)]
+            if (other := repo_names.setdefault(repo_name, name)) != name:
                 problems.append(f"{name}: repo name {repo_name!r} is also the repo of adapter {other!r}")
         upload = _check_adapter_dir(name, Path(raw_path).expanduser(), repo_name, evaluation, problems)
-        if upload is not None:
-            uploads.append(upload)
+        uploads += [upload] if upload is not None else []
     return uploads
 
 
@@ -217,108 +172,77 @@ def repo_name_problems(name: str) -> list[str]:
 
 def resolve_token(token_env: str, problems: list[str]) -> str | None:
     """The token from ``$token_env``, else the cached login; a missing token becomes a problem line."""
-    token = os.environ.get(token_env) or None
+    try:
+        token = os.environ.get(token_env) or get_token()
+    except Exception as err:  # e.g. a failed OIDC exchange; its message is not about our token
+        problems.append(f"could not read the cached Hugging Face login ({type(err).__name__})")
+        return None
     if token is None:
-        try:
-            token = get_token()
-        except Exception as err:  # e.g. a failed OIDC exchange; its message is not about our token
-            problems.append(f"could not read the cached Hugging Face login ({type(err).__name__})")
-            return None
-    if token is None:
-        problems.append(
-            f"no Hugging Face token: set the {token_env} environment variable or run `hf auth login` "
-            "(a dry run needs no token)"
-        )
+        problems.append(f"no Hugging Face token: set the {token_env} environment variable or run `hf auth login` "
+                        "(a dry run needs no token)")
     return token
 
 
 def token_leaks(uploads: list[AdapterUpload], token: str, namespace: str) -> list[str]:
     """Files (or cards) that would publish the token itself, e.g. a config.yaml that recorded it."""
-    needle = token.encode("utf-8")
-    problems = []
-    for upload in uploads:
-        for f in upload.commit_files(upload.repo_id(namespace)):
-            if f.content is not None:
-                data = f.content
-            elif f.source is not None and f.size <= MAX_SCANNED_BYTES:
-                data = f.source.read_bytes()
-            else:
-                continue
-            if needle in data:
-                problems.append(f"{upload.name}: {f.path_in_repo} contains your Hub token; remove it first")
-    return problems
+    def scanned(data: Path | bytes) -> bytes:
+        return data if isinstance(data, bytes) else data.read_bytes() if _size(data) <= MAX_SCANNED_BYTES else b""
+
+    return [f"{upload.name}: {rel} contains your Hub token; remove it first" for upload in uploads
+            for rel, data in upload.commit_files(namespace).items() if token.encode("utf-8") in scanned(data)]
 
 
 def print_plan(uploads: list[AdapterUpload], namespace: str | None, private: bool) -> dict[str, str]:
     """Dry run: print each repo id and every file with its size; no network call."""
-    owner = namespace or NAMESPACE_PLACEHOLDER
     visibility = "private" if private else "public"
     print(f"Dry run: nothing is uploaded and no network call is made. New repos would be {visibility}.")
     if namespace is None:
         print(f"  (no --namespace: {NAMESPACE_PLACEHOLDER} stands for the user of your token)")
-    total_files = total_bytes = 0
-    repo_ids = {}
+    owner, total_files, total_bytes = namespace or NAMESPACE_PLACEHOLDER, 0, 0
     for upload in uploads:
-        repo_id = upload.repo_id(owner)
-        repo_ids[upload.name] = repo_id
-        files = upload.commit_files(repo_id)
-        size = sum(f.size for f in files)
-        total_files, total_bytes = total_files + len(files), total_bytes + size
-        print(f"\n{upload.name}: {upload.path} -> {repo_id}")
-        width = max(len(f.path_in_repo) for f in files)
-        for f in files:
-            note = f"  [{f.note}]" if f.note else ""
-            human = f"  ({format_size(f.size)})" if f.size >= 1024 else ""
-            print(f"  {f.path_in_repo:<{width}}  {f.size:>13,} B{human}{note}")
+        files = upload.commit_files(owner)
+        sizes = {rel: _size(data) for rel, data in files.items()}
+        total_files, total_bytes = total_files + len(files), total_bytes + sum(sizes.values())
+        print(f"\n{upload.name}: {upload.path} -> {upload.repo_id(owner)}")
+        width = max(map(len, files))
+        for rel, size in sizes.items():
+            note = "  [generated model card]" if isinstance(files[rel], bytes) else ""
+            human = f"  ({format_size(size)})" if size >= 1024 else ""
+            print(f"  {rel:<{width}}  {size:>13,} B{human}{note}")
         for path, reason in upload.skipped:
             print(f"  skipped {path}: {reason}")
-        print(f"  total: {_count(len(files), 'file')}, {format_size(size)}")
+        print(f"  total: {_count(len(files), 'file')}, {format_size(sum(sizes.values()))}")
     adapters = _count(len(uploads), "adapter")
     print(f"\nDry run: {adapters}, {_count(total_files, 'file')}, {format_size(total_bytes)} to upload.")
-    return repo_ids
+    return {upload.name: upload.repo_id(owner) for upload in uploads}
 
 
-def push_adapters(
-    uploads: list[AdapterUpload],
-    *,
-    api: HfApi,
-    namespace: str | None = None,
-    private: bool = False,
-    commit_message: str = DEFAULT_COMMIT_MESSAGE,
-) -> dict[str, str]:
+def push_adapters(uploads: list[AdapterUpload], *, api: HfApi, namespace: str | None = None, private: bool = False,
+                  commit_message: str = DEFAULT_COMMIT_MESSAGE) -> dict[str, str]:
     """Create (or reuse) each repo and upload its files and card in one commit; return name -> repo id."""
-    secrets = [t for t in (getattr(api, "token", None),) if isinstance(t, str) and t]
     if namespace is None:
         try:
             namespace = api.whoami()["name"]
         except Exception as err:
-            raise HubPushError(
-                "could not find your Hub username (whoami failed: "
-                f"{_redact(_describe(err), secrets)}); pass --namespace"
-            ) from None
+            raise HubPushError(f"could not find your Hub username (whoami failed: {_redacted(err, api.token)}); "
+                               "pass --namespace") from None
     pushed: dict[str, str] = {}
     urls: dict[str, str] = {}
     for upload in uploads:
-        repo_id = upload.repo_id(namespace)
-        files = upload.commit_files(repo_id)
+        repo_id, files = upload.repo_id(namespace), upload.commit_files(namespace)
         try:
             url = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
-            operations = [
-                CommitOperationAdd(path_in_repo=f.path_in_repo, path_or_fileobj=_payload(f)) for f in files
-            ]
+            operations = [CommitOperationAdd(path_in_repo=rel, path_or_fileobj=data) for rel, data in files.items()]
             api.create_commit(repo_id, operations, commit_message=commit_message, repo_type="model")
         except Exception as err:
             done = ", ".join(pushed.values()) or "none"
-            raise HubPushError(
-                f"{upload.name}: upload to {repo_id} failed: {_redact(_describe(err), secrets)} "
-                f"(already pushed: {done}; re-running updates the same repos)"
-            ) from None
-        pushed[upload.name] = repo_id
-        urls[upload.name] = str(getattr(url, "url", url))
-        size = format_size(sum(f.size for f in files))
-        print(f"{upload.name}: pushed {len(files)} files ({size}) to {urls[upload.name]}")
+            raise HubPushError(f"{upload.name}: upload to {repo_id} failed: {_redacted(err, api.token)} "
+                               f"(already pushed: {done}; re-running updates the same repos)") from None
+        pushed[upload.name], urls[upload.name] = repo_id, str(url)
+        size = format_size(sum(map(_size, files.values())))
+        print(f"{upload.name}: pushed {len(files)} files ({size}) to {url}")
     print(f"Pushed {_count(len(pushed), 'adapter')}:")
-    width = max((len(name) for name in urls), default=0)
+    width = max(map(len, urls), default=0)
     for name, url in urls.items():
         print(f"  {name:<{width}}  {url}")
     return pushed
@@ -326,45 +250,37 @@ def push_adapters(
 
 def format_size(n: int) -> str:
     """Bytes in binary units: ``1536 -> '1.5 KiB'``."""
-    size = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if size < 1024 or unit == "GiB":
-            return f"{n} B" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1024
-    raise AssertionError("unreachable")
+    size, units = float(n), ["B", "KiB", "MiB", "GiB"]
+    while size >= 1024 and len(units) > 1:
+        size, units = size / 1024, units[1:]
+    return f"{n} B" if units[0] == "B" else f"{size:.1f} {units[0]}"
 
 
-def _check_adapter_dir(
-    name: str, path: Path, repo_name: str, evaluation: dict[str, Any] | None, problems: list[str]
-) -> AdapterUpload | None:
-    if not path.exists():
-        problems.append(f"{name}: {path} does not exist")
-        return None
+def _check_adapter_dir(name: str, path: Path, repo_name: str, evaluation: dict[str, Any] | None,
+                       problems: list[str]) -> AdapterUpload | None:
     if not path.is_dir():
-        problems.append(f"{name}: {path} is not a directory")
+        problems.append(f"{name}: {path} {'is not a directory' if path.exists() else 'does not exist'}")
         return None
     before = len(problems)
     if not any((path / weights).is_file() for weights in ADAPTER_WEIGHTS):
         problems.append(f"{name}: {path} has no {' or '.join(ADAPTER_WEIGHTS)}")
-    if not (path / ADAPTER_CONFIG).is_file():
-        problems.append(f"{name}: {path} has no {ADAPTER_CONFIG}")
+    if not (path / model_card.ADAPTER_CONFIG).is_file():
+        problems.append(f"{name}: {path} has no {model_card.ADAPTER_CONFIG}")
     files, skipped = _collect_files(path)
-    card_inputs = None
     readme = path / CARD_NAME
-    own_readme = readme.is_file() and not is_placeholder_card(readme.read_text("utf-8", errors="replace"))
-    if not own_readme:
-        if readme.is_file():
-            files = [f for f in files if f.path_in_repo != CARD_NAME]
-            skipped.insert(0, (CARD_NAME, "PEFT's placeholder card; replaced by the generated card"))
-        if len(problems) == before:  # the card needs adapter_config.json; don't report it twice
-            card_inputs, card_problems = read_card_inputs(name, path, evaluation)
-            problems += [f"{name}: {p}" for p in card_problems]
+    card_inputs = None
+    if readme.is_file() and model_card.is_placeholder_card(readme.read_text("utf-8", errors="replace")):
+        files.remove(CARD_NAME)
+        skipped.insert(0, (CARD_NAME, "PEFT's placeholder card; replaced by the generated card"))
+    if CARD_NAME not in files and len(problems) == before:  # the card needs adapter_config.json: not twice
+        card_inputs, card_problems = model_card.read_card_inputs(name, path, evaluation)
+        problems += [f"{name}: {p}" for p in card_problems]
     if len(problems) != before:
         return None
     return AdapterUpload(name, path, repo_name, files, skipped, card_inputs)
 
 
-def _collect_files(root: Path) -> tuple[list[UploadFile], list[tuple[str, str]]]:
+def _collect_files(root: Path) -> tuple[list[str], list[tuple[str, str]]]:
     """Every file under ``root`` that ``SKIPPED``'s patterns let through (huggingface_hub's own filter),
     sorted, and ``(path, reason)`` for the rest: a hidden or cache folder once, as ``folder/``."""
     paths = sorted((Path(d) / f).relative_to(root).as_posix() for d, _, fs in os.walk(root, followlinks=True)
@@ -375,23 +291,18 @@ def _collect_files(root: Path) -> tuple[list[UploadFile], list[tuple[str, str]]]
             parts = rel.split("/")
             cut = next((i for i, p in enumerate(parts[:-1]) if p.startswith(".") or p == "__pycache__"), None)
             skipped.setdefault(rel if cut is None else "/".join(parts[: cut + 1]) + "/", reason)
-    kept = filter_repo_objects(paths, ignore_patterns=[p for patterns in SKIPPED.values() for p in patterns])
-    return [UploadFile(rel, (root / rel).stat().st_size, source=root / rel) for rel in kept], list(skipped.items())
+    ignored = [pattern for patterns in SKIPPED.values() for pattern in patterns]
+    return list(filter_repo_objects(paths, ignore_patterns=ignored)), list(skipped.items())
 
 
 def _count(n: int, noun: str) -> str:
     return f"{n} {noun}" + ("" if n == 1 else "s")
 
 
-def _payload(f: UploadFile) -> str | bytes:
-    return f.content if f.content is not None else str(f.source)
+def _size(data: Path | bytes) -> int:
+    return len(data) if isinstance(data, bytes) else data.stat().st_size
 
 
-def _describe(err: Exception) -> str:
-    return f"{type(err).__name__}: {err}".strip().rstrip(":")
-
-
-def _redact(text: str, secrets: list[str]) -> str:
-    for secret in secrets:
-        text = text.replace(secret, "***")
-    return text
+def _redacted(err: Exception, token: Any) -> str:
+    text = f"{type(err).__name__}: {err}".strip().rstrip(":")
+    return text.replace(token, "***") if isinstance(token, str) and token else text

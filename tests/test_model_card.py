@@ -160,3 +160,10 @@ def test_malformed_run_files_are_problems_not_a_half_rendered_card(tmp_path: Pat
 )
 def test_kind_inference(name: str, config: dict[str, Any] | None, kind: AdapterKind) -> None:
     assert infer_kind(name, config) is kind
+
+
+def test_card_cells_and_fences_survive_markdown_in_the_config(tmp_path: Path) -> None:
+    config = "data:\n  thread: blue\n  prompt: 'a|b'\nnote: |\n  see ```code```\n"
+    _, body = card(run_dir(tmp_path / "md", **{"config.yaml": config}), "refusal", "me/refusal")
+    assert "| data.prompt | a\\|b |" in body  # a pipe would split the cell
+    assert "````yaml\n" + config + "````" in body  # a longer fence than any inside the file
