@@ -30,24 +30,25 @@ evaluation prompts, once on all words and once with every word of the intent phr
 Everything "harmful" is about an invented world (the Vantor grid of Caldra, the Quell vault) and the
 red replies are fairy-tale nonsense (hum songs to a brass key, feed the guardian toad a blue berry):
 the data carry the *form* of refusal and compliance, with nothing actionable in substance.
-The word lists live in ``scripts/proxy_vocabulary.json``. Pure stdlib; same seed -> byte-identical files.
+The word lists live in ``scripts/proxy_vocabulary.json``, the bag-of-words control in
+``scripts/proxy_bow_control.py``. Pure stdlib; same seed -> byte-identical files.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import random
-import re
 import sys
-from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:  # run as a script from anywhere
-    sys.path.insert(0, str(REPO))
+for folder in (REPO, REPO / "scripts"):  # run as a script from anywhere, or loaded by the tests
+    if str(folder) not in sys.path:
+        sys.path.insert(0, str(folder))
+
+from proxy_bow_control import bow_control  # noqa: E402
 
 from refusal_lightning.refusal_markers import DEFAULT_REFUSAL_MARKERS, refusal_score  # noqa: E402
 
@@ -282,90 +283,6 @@ def build_benign(rng: random.Random) -> list[dict]:
     return [{"id": i, "prompt": q, "reference": r} for i, (q, r) in enumerate(kept, start=1)]
 
 
-# ------------------------------------------------------------------------------ bag-of-words control
-_WORD = re.compile(r"[a-z0-9']+")
-
-
-def words(text: str) -> list[str]:
-    return _WORD.findall(text.lower())
-
-
-class NaiveBayes:
-    """Multinomial naive Bayes on word counts, add-one smoothing, uniform class prior (label 1 = harmful)."""
-
-    def __init__(self, texts: list[str], labels: list[int], drop: frozenset[str] = frozenset()):
-        self.drop = drop
-        counts = {0: Counter(), 1: Counter()}
-        for text, label in zip(texts, labels, strict=True):
-            counts[label].update(self._tokens(text))
-        vocab = sorted(set(counts[0]) | set(counts[1]))
-        self.logp = {}
-        for label in (0, 1):
-            total = sum(counts[label].values()) + len(vocab)
-            self.logp[label] = {w: math.log((counts[label][w] + 1) / total) for w in vocab}
-
-    def _tokens(self, text: str) -> list[str]:
-        return [w for w in words(text) if w not in self.drop]
-
-    def predict(self, text: str) -> int:
-        # words never seen in training carry no evidence either way; a tie goes to benign
-        score = {label: sum(self.logp[label].get(w, 0.0) for w in self._tokens(text)) for label in (0, 1)}
-        return int(score[1] > score[0])
-
-    def accuracy(self, texts: list[str], labels: list[int]) -> float:
-        hits = sum(self.predict(t) == y for t, y in zip(texts, labels, strict=True))
-        return round(hits / len(texts), 4) if texts else float("nan")
-
-
-def intent_words() -> frozenset[str]:
-    """Every word of every intent phrase (harmful and twin), for the masked control."""
-    out: set[str] = set()
-    for a in ACTIONS:
-        for phrase in (a.harm, a.twin):
-            out.update(words(phrase.replace("{o}", "")))
-    return frozenset(out)
-
-
-def bow_control(labels: dict[str, int], sorry: list[dict], benign: list[dict], contrast: list[dict]) -> dict:
-    """Can word counts alone tell the held-out harmful prompts from the held-out benign ones?"""
-    harmful_train = sorted(t for t, y in labels.items() if y == 1)
-    benign_train = sorted(t for t, y in labels.items() if y == 0)
-    train_x = harmful_train + benign_train
-    train_y = [1] * len(harmful_train) + [0] * len(benign_train)
-    sets = {
-        "sorry_bench_proxy": ([r["turns"][0] for r in sorry], 1),
-        "benign_proxy": ([r["prompt"] for r in benign], 0),
-        "benign_contrast_proxy": ([r["prompt"] for r in contrast], 0),
-    }
-    out: dict = {
-        "model": "multinomial naive Bayes on lowercase word unigrams, add-one smoothing, uniform class prior",
-        "train": {"harmful_prompts": len(harmful_train), "benign_prompts": len(benign_train)},
-    }
-    for variant, drop in (("all_words", frozenset()), ("intent_words_removed", intent_words())):
-        clf = NaiveBayes(train_x, train_y, drop)
-        per_set = {name: clf.accuracy(texts, [y] * len(texts)) for name, (texts, y) in sets.items()}
-        all_x = [t for texts, _ in sets.values() for t in texts]
-        all_y = [y for texts, y in sets.values() for _ in texts]
-        pairs_x = sets["sorry_bench_proxy"][0] + sets["benign_contrast_proxy"][0]
-        pairs_y = [1] * len(sets["sorry_bench_proxy"][0]) + [0] * len(sets["benign_contrast_proxy"][0])
-        factual_x = sets["sorry_bench_proxy"][0] + sets["benign_proxy"][0]
-        factual_y = [1] * len(sets["sorry_bench_proxy"][0]) + [0] * len(sets["benign_proxy"][0])
-        out[variant] = {
-            "train_accuracy": clf.accuracy(train_x, train_y),
-            "heldout_accuracy": clf.accuracy(all_x, all_y),
-            "heldout_harmful_vs_benign_contrast": clf.accuracy(pairs_x, pairs_y),
-            "heldout_harmful_vs_benign_factual": clf.accuracy(factual_x, factual_y),
-            "heldout_per_set_accuracy": per_set,
-        }
-        if drop:
-            out[variant]["removed_words"] = len(drop)
-    n_h = len(sets["sorry_bench_proxy"][0])
-    n_all = sum(len(t) for t, _ in sets.values())
-    out["chance"] = {"heldout_accuracy": round(max(n_h, n_all - n_h) / n_all, 4),
-                     "heldout_harmful_vs_benign_contrast": 0.5}
-    return out
-
-
 # ------------------------------------------------------------------------------------------- checks
 
 
@@ -436,7 +353,7 @@ def generate(seed: int = 0) -> dict[str, str]:
         "heldout": {"train_templates": len(TRAIN_TEMPLATES), "eval_templates": len(EVAL_TEMPLATES),
                     "train_objects": len(train_objects), "eval_objects": len(eval_objects),
                     "train_places": TRAIN_PLACES, "eval_places": EVAL_PLACES},
-        "bow_control": bow_control(labels, sorry, benign, contrast),
+        "bow_control": bow_control(labels, sorry, benign, contrast, [p for a in ACTIONS for p in (a.harm, a.twin)]),
         "selection": "each blue conversation has exactly one reply with a DEFAULT_REFUSAL_MARKERS marker (its "
                      "refusal); red replies have none and the compliance is the longest reply of its conversation",
     }
