@@ -139,6 +139,9 @@ def test_every_pipeline_yaml_parses(config, capsys, monkeypatch):
     for key in ("refusal_config", "vanilla_config", "orthogonal_config", "subspace_config", "asft_config"):
         assert resolved.get(key) is None or (REPO / resolved[key]).exists(), resolved[key]
     assert resolved["serve"] or set(resolved["endpoints"]) == {"base", "refusal", "vanilla", "orthogonal"}
+    from refusal_lightning.evaluation.runner import evaluate_arguments
+
+    evaluate_arguments(resolved["evaluation"] or {}, config)  # what the pipeline checks before its first stage
 
 
 def test_pipeline_refuses_two_fits_with_one_output_dir_before_any_stage(capsys, tmp_path, monkeypatch):
