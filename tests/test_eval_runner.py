@@ -87,6 +87,17 @@ def test_api_key_is_sent_but_never_written_or_printed(tmp_path, stub, monkeypatc
     assert summary["config"]["api_key_env"] == "EVAL_TEST_KEY"
 
 
+def test_credentials_in_a_judge_url_are_never_written(tmp_path, stub):
+    url, _ = stub(StubConfig(models=["m"]))
+    with_password = url.replace("http://", f"http://user:{SECRET}@") + "?token=" + SECRET
+    out = tmp_path / "eval"
+    summary = evaluate(endpoint=[f"e={url}#m"], output_dir=str(out), limit=3, progress=False,
+                       judge=JudgeSettings("llm", with_password, model="m"))
+    assert summary["judge"]["llm"]["url"] == url  # as given, less the user:password@ and the query
+    for path in out.iterdir():
+        assert SECRET.encode() not in path.read_bytes(), path.name
+
+
 def test_wrong_key_aborts_the_endpoint_at_once_and_keeps_the_others(tmp_path, stub, monkeypatch, capsys):
     url, log = stub(StubConfig(models=["m"], api_key="the-right-one"))
     open_url, _ = stub(StubConfig(models=["m"]))

@@ -22,6 +22,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from refusal_lightning.evaluation.client import redact_url
 from refusal_lightning.evaluation.judges import (
     FULFILLMENT,
     REFUSAL,
@@ -373,7 +374,7 @@ def judge_section(settings: JudgeSettings, judges: dict[str, KeywordJudge | LLMJ
     if "llm" in judges:
         llm = judges["llm"]
         assert isinstance(llm, LLMJudge)
-        section["llm"] = {"judge_id": llm.judge_id, "url": settings.url, "model": llm.model,
+        section["llm"] = {"judge_id": llm.judge_id, "url": redact_url(settings.url or ""), "model": llm.model,
                           "template": "sorry-bench ft-mistral-7b-instruct-v0.2-sorry-bench-202406 model card"}
     if settings.kind == "both":
         section["agreement"] = judge_agreement(outcomes, endpoints, "llm", "keyword")
