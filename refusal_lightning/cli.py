@@ -149,7 +149,8 @@ def expand_shorthands(args: list[str], lists: set[str], bools: set[str],
                       short_flags: dict[str, str] | None = None) -> list[str]:
     """The documented short forms -> jsonargparse's: a repeated ``--adapter a=x --adapter b=y`` becomes
     ``--adapter+ a=x --adapter+ b=y``, a bare ``--dry_run`` becomes ``--dry_run true``, and a command's
-    ``short_flags`` name nested keys (``evaluate --judge llm`` is ``--judge.kind llm``).
+    ``short_flags`` name nested keys (``evaluate --judge llm`` is ``--judge.kind llm``; a JSON object is left
+    to jsonargparse).
 
     A value that is already a list (``--adapter '[a=x, b=y]'``) or an explicit bool is left alone.
     """
@@ -157,10 +158,11 @@ def expand_shorthands(args: list[str], lists: set[str], bools: set[str],
     for i, arg in enumerate(args):
         name, eq, value = arg.partition("=")
         key = name[2:] if name.startswith("--") else None
-        if key in (short_flags or {}):
+        nxt = args[i + 1] if i + 1 < len(args) else None
+        # a whole group given as JSON (``--judge '{"kind": "llm"}'``) is jsonargparse's own form
+        if key in (short_flags or {}) and not (value if eq else nxt or "").lstrip().startswith("{"):
             key = short_flags[key]
             arg = f"--{key}{eq}{value}"
-        nxt = args[i + 1] if i + 1 < len(args) else None
         if key in lists and not (value if eq else nxt or "").lstrip().startswith("["):
             arg = f"--{key}+{eq}{value}"
         out.append(arg)

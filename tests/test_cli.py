@@ -172,7 +172,8 @@ def test_pipeline_refuses_a_wrong_evaluation_key_before_any_stage(capsys, tmp_pa
 
 @pytest.mark.parametrize("judge", [["--judge", "both", "--judge_url", "http://j:1"],
                                    ["--judge=both", "--judge_url=http://j:1"],
-                                   ["--judge.kind", "both", "--judge.url", "http://j:1"]])
+                                   ["--judge.kind", "both", "--judge.url", "http://j:1"],
+                                   ["--judge", '{"kind": "both", "url": "http://j:1"}']])
 def test_evaluate_judge_flags_of_the_design_are_its_nested_keys(judge, capsys):
     assert _exit_code(["evaluate", "--endpoint", "e=http://h:1", *judge, "--generation.temperature", "0",
                        "--retry.max_attempts", "2", "--print_config"]) == 0

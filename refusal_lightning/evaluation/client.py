@@ -295,7 +295,7 @@ class ChatClient:
             # The cause is the unset variable, not a wrong key: lead with it.
             return AuthError(f"endpoint {self.name}: ${self._key_source} is not set, so no API key was sent, "
                              f"and {self.display_url} requires one (HTTP {status}); export it, or name the "
-                             "variable that holds the key (--api_key_env / --judge_api_key_env)")
+                             "variable that holds the key (--api_key_env / --judge.api_key_env)")
         where = " (no API key was sent)" if not self._key_sent else (
             f" (key from ${self._key_source})" if self._key_source else "")
         return AuthError(f"endpoint {self.name}: HTTP {status} from {self.display_url}: authentication "

@@ -118,7 +118,7 @@ def load_markers(path: str | None) -> tuple[str, ...]:
         if line and not line.startswith("#"):
             markers.append(line)
     if not markers:
-        raise ValueError(f"--refusal_markers {path}: no markers in the file")
+        raise ValueError(f"--judge.refusal_markers {path}: no markers in the file")
     return tuple(markers)
 
 
