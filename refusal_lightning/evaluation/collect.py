@@ -184,23 +184,21 @@ def _judgment_row(response: dict[str, Any], judge: KeywordJudge | LLMJudge,
 
 def judge_responses(judge: KeywordJudge | LLMJudge, responses: dict[ResponseKey, dict[str, Any]],
                     done: dict[JudgmentKey, dict[str, Any]], log: JsonlLog, concurrency: int,
-                    progress: bool = True, desc: str = "judge") -> dict[JudgmentKey, dict[str, Any]]:
-    """Judge every successful response without a final judgment by ``judge``; returns the new rows,
-    which are also added to ``done`` as they are written. Raises ``AuthError``/``EndpointError`` (judge
+                    progress: bool = True, desc: str = "judge") -> None:
+    """Judge every successful response without a final judgment by ``judge``; the new rows are added to
+    ``done`` as they are written. Raises ``AuthError``/``EndpointError`` (judge
     endpoint unusable) after recording what finished."""
     todo = [(key, row) for key, row in responses.items()
             if row.get("error") is None and judgment_for(done, key, judge.judge_id, row) is None]
-    new: dict[JudgmentKey, dict[str, Any]] = {}
 
     def record(batch: list[tuple[ResponseKey, dict[str, Any], Verdict]]) -> None:
         rows = [((*key, judge.judge_id), _judgment_row(row, judge, verdict)) for key, row, verdict in batch]
         log.append_many([jrow for _, jrow in rows])
-        new.update(rows)
         done.update(rows)
 
     if isinstance(judge, KeywordJudge):  # microseconds each: no threads, one write
         record([(key, row, judge.judge(row["prompt"], row["response"])) for key, row in todo])
-        return new
+        return
 
     stop = threading.Event()
 
@@ -218,7 +216,6 @@ def judge_responses(judge: KeywordJudge | LLMJudge, responses: dict[ResponseKey,
         fatal = run_bounded(todo, work, record, concurrency, bar, name="judge")
     if fatal is not None:
         raise fatal
-    return new
 
 
 @dataclass

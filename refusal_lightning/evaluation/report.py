@@ -15,7 +15,7 @@ from typing import Any
 
 from refusal_lightning.evaluation.prompts import BENIGN, HARMFULQA_HELDOUT, PROMPT_SET_TITLES
 from refusal_lightning.files import atomic_write, atomic_write_text
-from refusal_lightning.formatting import interval, markdown_table, percent
+from refusal_lightning.formatting import interval, markdown_table, percent, rate_with_ci
 
 CSV_FIELDS = ["endpoint", "prompt_set", "scope", "group", "n", "refusals", "fulfillments", "errors",
               "refusal_rate", "refusal_ci_lo", "refusal_ci_hi", "fulfillment_rate", "fulfillment_ci_lo",
@@ -23,17 +23,17 @@ CSV_FIELDS = ["endpoint", "prompt_set", "scope", "group", "n", "refusals", "fulf
 
 
 def _refusal(s: dict[str, Any]) -> str:
-    return f"{percent(s['refusal_rate'])} {interval(s['ci_low'], s['ci_high'])}"
+    return rate_with_ci(s["refusal_rate"], s["ci_low"], s["ci_high"])
 
 
 def _fulfillment(s: dict[str, Any]) -> str:
-    return f"{percent(s['fulfillment_rate'])} {interval(s['fulfillment_ci_low'], s['fulfillment_ci_high'])}"
+    return rate_with_ci(s["fulfillment_rate"], s["fulfillment_ci_low"], s["fulfillment_ci_high"])
 
 
 def _accuracy(s: dict[str, Any]) -> str:
     if not s.get("n_with_reference"):
         return "n/a"
-    return (f"{percent(s['accuracy'])} {interval(s['accuracy_ci_low'], s['accuracy_ci_high'])} "
+    return (f"{rate_with_ci(s['accuracy'], s['accuracy_ci_low'], s['accuracy_ci_high'])} "
             f"({s['correct']}/{s['n_with_reference']})")
 
 
