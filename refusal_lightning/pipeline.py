@@ -125,13 +125,12 @@ def _run_fit(stage: FitStage, resume: bool) -> None:
             raise PipelineError(f"stage '{stage.name}' failed (exit {exc.code}): fit {' '.join(args[1:])}") from None
 
 
-def evaluated_adapters(fits: dict[str, FitStage], safe_lora_dir: Path | None = None) -> dict[str, Path]:
+def evaluated_adapters(refusal_dir: Path, attack_dirs: dict[str, Path],
+                       safe_lora_dir: Path | None = None) -> dict[str, Path]:
     """Adapter to serve on the plain base per model: the refusal LoRA, and for each attack (and baseline)
     its combined adapter (refusal + attack), which is the model the attack was trained as."""
-    folders = {name: fits[name].output_dir for name in TRAINED if name in fits}
-    if safe_lora_dir is not None:
-        folders["safe_lora"] = safe_lora_dir
-    return {"refusal": fits["refusal"].output_dir,
+    folders = {**attack_dirs, **({"safe_lora": safe_lora_dir} if safe_lora_dir is not None else {})}
+    return {"refusal": refusal_dir,
             **{name: folders[name] / COMBINED_DIR for name in (*ATTACKS, *VARIANTS, *BASELINES) if name in folders}}
 
 
@@ -192,10 +191,10 @@ def pipeline(
                                  "asft": asft_config}, list(fit_overrides or []))
         from refusal_lightning.evaluation.runner import evaluate_arguments
 
-        evaluate_arguments(evaluation or {}, "evaluation")  # a wrong key fails now, not after the fits
+        eval_args = evaluate_arguments(evaluation or {}, "evaluation")  # a wrong key fails now, not after the fits
         return _run_pipeline(Path(run_dir), base_model, build_tiny_model, prepare_model, Path(refusal_config),
                              Path(vanilla_config), Path(orthogonal_config), list(fit_overrides or []), serve,
-                             endpoints, evaluation, nll_max_pairs, set(force or []), until,
+                             endpoints, evaluation or {}, eval_args, nll_max_pairs, set(force or []), until,
                              Path(asft_config) if asft_config else None, safe_lora,
                              Path(subspace_config) if subspace_config else None)
     except _StopAfter:
@@ -205,7 +204,7 @@ def pipeline(
 
 def _run_pipeline(run: Path, base_model: str, build_tiny_model: bool, prepare_model: bool, refusal_cfg: Path,
                   vanilla_cfg: Path, orthogonal_cfg: Path, overrides: list[str], serve: bool,
-                  endpoints: dict[str, str] | None, evaluation: dict[str, Any] | None,
+                  endpoints: dict[str, str] | None, evaluation: dict[str, Any], eval_args: dict[str, Any],
                   nll_max_pairs: int | None, forced: set[str], until: str | None,
                   asft_cfg: Path | None = None, safe_lora_args: dict[str, Any] | None = None,
                   subspace_cfg: Path | None = None) -> dict:
@@ -305,7 +304,8 @@ def _run_pipeline(run: Path, base_model: str, build_tiny_model: bool, prepare_mo
     model_prints = [prints[m] for m in models if m in prints]
 
     # 5. did the attacks learn? held-out red/blue NLL of every model, as it is evaluated
-    served = evaluated_adapters(fits, safe_lora_dir)
+    attack_dirs = {name: fits[name].output_dir for name in TRAINED if name in fits}
+    served = evaluated_adapters(fits["refusal"].output_dir, attack_dirs, safe_lora_dir)
     nll_path = run / "heldout_nll.json"
     attack_data = yaml.safe_load(vanilla_cfg.read_text()).get("data") or {}
     refusal_data = yaml.safe_load(refusal_cfg.read_text()).get("data") or {}
@@ -323,16 +323,16 @@ def _run_pipeline(run: Path, base_model: str, build_tiny_model: bool, prepare_mo
 
     # 6. serve + evaluate
     from refusal_lightning.evaluation.judges import JudgeSettings
-    from refusal_lightning.evaluation.runner import evaluate, evaluate_arguments
+    from refusal_lightning.evaluation.runner import evaluate
 
     eval_dir = run / "eval"
-    eval_args = dict(evaluation or {})
     data_cfg = yaml.safe_load(refusal_cfg.read_text()).get("data") or {}
     # The held-out HarmfulQA questions are exactly the refusal fit's validation split.
-    eval_args.setdefault("harmfulqa_source", data_cfg.get("source", "sample"))
-    eval_args.setdefault("harmfulqa_val_fraction", data_cfg.get("val_fraction", 0.1))
-    eval_args.setdefault("harmfulqa_seed", data_cfg.get("seed", 0))
-    eval_kwargs = evaluate_arguments(eval_args, "evaluation")
+    heldout = {"harmfulqa_source": data_cfg.get("source", "sample"),
+               "harmfulqa_val_fraction": data_cfg.get("val_fraction", 0.1), "harmfulqa_seed": data_cfg.get("seed", 0)}
+    # eval_args: checked and typed by pipeline(); the fingerprint takes the section as written, so a field
+    # added to a settings class does not clear a finished evaluation.
+    eval_args = {**heldout, **eval_args}
 
     def run_evaluation(_: bool) -> None:
         if serve:
@@ -340,19 +340,19 @@ def _run_pipeline(run: Path, base_model: str, build_tiny_model: bool, prepare_mo
             with ServerProcess(base_model, served, run / "serve.log",
                                max_batch_size=int(eval_args.get("concurrency") or 16)) as server:
                 specs = [f"{m}={server.url}#{m}" for m in models]
-                evaluate(endpoint=specs, output_dir=str(eval_dir), **eval_kwargs)
+                evaluate(endpoint=specs, output_dir=str(eval_dir), **eval_args)
         else:
             missing = [m for m in models if m not in (endpoints or {})]
             if missing:
                 raise PipelineError(f"serve is false but endpoints lack {missing}; give NAME: URL#MODEL for each")
-            evaluate(endpoint=[f"{m}={endpoints[m]}" for m in models], output_dir=str(eval_dir), **eval_kwargs)
+            evaluate(endpoint=[f"{m}={endpoints[m]}" for m in models], output_dir=str(eval_dir), **eval_args)
 
-    stage("evaluate", [model_prints, adapter_prints, eval_args, serve, endpoints], [eval_dir / "summary.json"],
+    stage("evaluate", [model_prints, adapter_prints, {**heldout, **evaluation}, serve, endpoints],
+          [eval_dir / "summary.json"],
           run_evaluation, clear=[eval_dir])
 
-    attack_dirs = {name: fits[name].output_dir for name in TRAINED if name in fits}
     results = collect_results(eval_dir, attack_dirs, json.loads(nll_path.read_text()), models, safe_lora_dir)
-    judge: JudgeSettings = eval_kwargs.get("judge", JudgeSettings())
+    judge: JudgeSettings = eval_args.get("judge", JudgeSettings())
     if judge.kind in ("keyword", "both"):
         from refusal_lightning.evaluation.judges import load_markers
         from refusal_lightning.judge_check import keyword_judge_check

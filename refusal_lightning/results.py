@@ -12,9 +12,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from refusal_lightning.evaluation.prompts import PROMPT_SETS
 from refusal_lightning.formatting import percent, rate_with_ci
 
-PROMPT_SETS = ("sorry_bench", "harmfulqa_heldout", "benign")
 # McNemar pairs in the results table (a before b in the table's order)
 HEADLINE_PAIRS = (("vanilla", "orthogonal"), ("refusal", "orthogonal"), ("refusal", "vanilla"),
                   ("vanilla", "subspace"), ("vanilla", "safe_lora"), ("vanilla", "asft"))
