@@ -9,7 +9,7 @@ from refusal_lightning.samples import looks_like_hub_id
 
 # Model dtypes by torch name; "auto" (the checkpoint's own) is accepted as well. Names, not torch
 # objects, so that commands can validate a --dtype before paying for the torch import.
-DTYPES = ("float32", "bfloat16", "float16")
+DTYPES = ("auto", "float32", "bfloat16", "float16")  # auto: the checkpoint's own
 
 
 class ModelPathError(ValueError):
@@ -53,8 +53,8 @@ def load_causal_lm(name_or_path: str, dtype: str = "float32"):
     from transformers import AutoModelForCausalLM
 
     source = check_model_path(name_or_path)
-    if dtype != "auto" and dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got '{dtype}'")
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got '{dtype}'")
     try:
         return AutoModelForCausalLM.from_pretrained(source, dtype="auto" if dtype == "auto" else getattr(torch, dtype))
     except OSError as exc:

@@ -49,7 +49,7 @@ from refusal_lightning.http_json import (
     start_in_thread,
 )
 from refusal_lightning.loading import DTYPES
-from refusal_lightning.serve_backend import ChatBackend
+from refusal_lightning.serve_backend import DEFAULT_BATCH_WAIT_MS, DEFAULT_BUSY_BATCH_WAIT_MS, ChatBackend
 from refusal_lightning.serve_request import DEFAULT_MAX_TOKENS_LIMIT, parse_chat_request
 from refusal_lightning.specs import split_spec
 
@@ -139,16 +139,15 @@ class ChatServer(LocalHTTPServer):
 def _startup(model: str, adapter: list[str] | None, api_key_env: str | None, dtype: str,
              served_model_name: str | None, max_model_len: int | None, default_max_tokens: int,
              device: str, max_batch_size: int, batch_wait_ms: float,
-             max_tokens_limit: int = DEFAULT_MAX_TOKENS_LIMIT,
-             busy_batch_wait_ms: float = 100.0) -> tuple[ChatBackend, str | None]:
+             max_tokens_limit: int, busy_batch_wait_ms: float) -> tuple[ChatBackend, str | None]:
     """Validate everything first and report all problems in one line, then load the model."""
     problems: list[str] = []
     adapters = parse_adapter_specs(adapter, problems)
     base_name = served_model_name or model
     if base_name in adapters:
         problems.append(f"adapter name {base_name!r} clashes with the base model's name")
-    if dtype != "auto" and dtype not in DTYPES:
-        problems.append(f"--dtype {dtype!r}: choose one of {', '.join(('auto', *DTYPES))}")
+    if dtype not in DTYPES:
+        problems.append(f"--dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
     api_key = None
     if api_key_env:
         api_key = os.environ.get(api_key_env)
@@ -178,9 +177,9 @@ def start_background(model: str, adapter: list[str] | None = None, host: str = "
                      api_key_env: str | None = None, dtype: str = "float32", device: str = "cpu",
                      served_model_name: str | None = None, max_model_len: int | None = None,
                      default_max_tokens: int = 512, max_batch_size: int = 16,
-                     batch_wait_ms: float = 5.0,
+                     batch_wait_ms: float = DEFAULT_BATCH_WAIT_MS,
                      max_tokens_limit: int = DEFAULT_MAX_TOKENS_LIMIT,
-                     busy_batch_wait_ms: float = 100.0) -> tuple[ChatServer, str]:
+                     busy_batch_wait_ms: float = DEFAULT_BUSY_BATCH_WAIT_MS) -> tuple[ChatServer, str]:
     """Start the server in a daemon thread (port 0 = any free port); returns ``(server, url)``;
     ``server.backend`` is the model side. Stop it with ``server.shutdown(); server.server_close()``."""
     backend, api_key = _startup(model, adapter, api_key_env, dtype, served_model_name, max_model_len,
@@ -203,8 +202,8 @@ def serve(
     default_max_tokens: int = 512,
     max_tokens_limit: int = DEFAULT_MAX_TOKENS_LIMIT,
     max_batch_size: int = 16,
-    batch_wait_ms: float = 5.0,
-    busy_batch_wait_ms: float = 100.0,
+    batch_wait_ms: float = DEFAULT_BATCH_WAIT_MS,
+    busy_batch_wait_ms: float = DEFAULT_BUSY_BATCH_WAIT_MS,
     log_requests: bool = False,
 ) -> None:
     """Serve a base model and its LoRA adapters over an OpenAI-compatible API.

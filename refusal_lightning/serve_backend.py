@@ -29,6 +29,8 @@ from refusal_lightning.serve_request import DEFAULT_MAX_TOKENS_LIMIT, ChatReques
 # A batch that has company stays open while requests keep arriving at most this far apart: closed-loop
 # clients on 2 busy cores send their next requests over tens of milliseconds after a batch returns.
 ARRIVAL_GAP_S = 0.02
+DEFAULT_BATCH_WAIT_MS = 5.0  # a lone request's wait for company
+DEFAULT_BUSY_BATCH_WAIT_MS = 100.0  # the most a batch with company stays open (measured: docs/benchmarks.md)
 
 
 def _resolve_device(device: str) -> str:
@@ -105,17 +107,19 @@ class ChatBackend:
 
     def __init__(self, model: str, adapters: dict[str, Path] | None = None, dtype: str = "float32",
                  device: str = "auto", served_model_name: str | None = None, max_model_len: int | None = None,
-                 default_max_tokens: int = 512, max_batch_size: int = 16, batch_wait_ms: float = 5.0,
-                 max_tokens_limit: int = DEFAULT_MAX_TOKENS_LIMIT, busy_batch_wait_ms: float = 100.0):
+                 default_max_tokens: int = 512, max_batch_size: int = 16,
+                 batch_wait_ms: float = DEFAULT_BATCH_WAIT_MS, max_tokens_limit: int = DEFAULT_MAX_TOKENS_LIMIT,
+                 busy_batch_wait_ms: float = DEFAULT_BUSY_BATCH_WAIT_MS):
         from transformers import AutoTokenizer
 
-        from refusal_lightning.loading import load_causal_lm
+        from refusal_lightning.loading import check_model_path, load_causal_lm
 
         self.base_name = served_model_name or model
         self.adapter_paths = dict(adapters or {})
         self.device = _resolve_device(device)
-        base = load_causal_lm(model, dtype)  # checks the path first: one clear error for a bad --model
-        self.tokenizer = AutoTokenizer.from_pretrained(model)
+        source = check_model_path(model)  # one clear error for a bad --model; "~" expanded for both loads
+        self.tokenizer = AutoTokenizer.from_pretrained(source)
+        base = load_causal_lm(source, dtype)
         if self.adapter_paths:
             from peft import PeftModel
 

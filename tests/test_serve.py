@@ -180,6 +180,18 @@ def test_binds_loopback_by_default(tiny_model_dir):
         srv.server_close()
 
 
+def test_a_model_path_under_home_loads_model_and_tokenizer(tiny_model_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "tiny").symlink_to(tiny_model_dir)
+    srv, url = start_background("~/models/tiny")  # quoted in a shell or a YAML file: no shell expands it
+    try:
+        assert requests.get(f"{url}/v1/models", timeout=10).json()["data"][0]["id"] == "~/models/tiny"
+    finally:
+        srv.shutdown()
+        srv.server_close()
+
+
 def test_oversized_body_is_refused_before_it_is_read(server):
     import socket
 
