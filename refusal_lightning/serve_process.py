@@ -43,17 +43,20 @@ class ServerProcess:
         self._log = open(self.log_path, "w")
         self.proc = subprocess.Popen(self.args, stdout=self._log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + self.timeout_s
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise ServeStartError(f"serve exited with code {self.proc.returncode}; see {self.log_path}")
-            try:
-                if requests.get(f"{self.url}/v1/models", timeout=2).ok:
-                    return self
-            except requests.RequestException:
-                pass
-            time.sleep(0.5)
-        self.__exit__()
-        raise ServeStartError(f"serve did not answer within {self.timeout_s:.0f}s; see {self.log_path}")
+        try:
+            while time.monotonic() < deadline:
+                if self.proc.poll() is not None:
+                    raise ServeStartError(f"serve exited with code {self.proc.returncode}; see {self.log_path}")
+                try:
+                    if requests.get(f"{self.url}/v1/models", timeout=2).ok:
+                        return self
+                except requests.RequestException:
+                    pass
+                time.sleep(0.5)
+            raise ServeStartError(f"serve did not answer within {self.timeout_s:.0f}s; see {self.log_path}")
+        except BaseException:  # a failed start, or an interrupt while waiting: never leave serve running
+            self.__exit__()
+            raise
 
     def __exit__(self, *exc: object) -> None:
         if self.proc is not None and self.proc.poll() is None:
