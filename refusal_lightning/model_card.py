@@ -63,12 +63,11 @@ def read_card_inputs(name: str, adapter_dir: Path,
                      evaluation: dict[str, Any] | None = None) -> tuple[CardInputs | None, list[str]]:
     """Parse the files a card is built from; return the inputs and a list of problems (empty when fine)."""
     problems: list[str] = []
-    adapter_config, train_config, data_stats, projection_stats = (
+    (adapter_config, _), (train_config, text), (data_stats, _), (projection_stats, _) = (
         _read_mapping(adapter_dir / file, problems, required=file == ADAPTER_CONFIG)
         for file in (ADAPTER_CONFIG, "config.yaml", "data_stats.json", "projection_stats.json"))
     if problems or adapter_config is None:
         return None, problems
-    text = (adapter_dir / "config.yaml").read_text(encoding="utf-8") if train_config is not None else None
     return CardInputs(name, adapter_config, infer_kind(name, train_config), train_config, text, data_stats,
                       projection_stats, evaluation), []
 
@@ -161,22 +160,25 @@ def render_model_card(inputs: CardInputs, repo_id: str) -> str:
     return str(card).rstrip("\n") + "\n"
 
 
-def _read_mapping(path: Path, problems: list[str], required: bool = False) -> dict[str, Any] | None:
-    """A JSON or YAML file holding a mapping; None, with a problem line unless it is an absent optional file."""
+def _read_mapping(path: Path, problems: list[str],
+                  required: bool = False) -> tuple[dict[str, Any] | None, str | None]:
+    """A JSON or YAML file holding a mapping, and its text; (None, None), with a problem line unless it is an
+    absent optional file."""
     if not path.is_file():
         problems += [f"{path}: file not found"] if required else []
-        return None
+        return None, None
     language, parse = ("YAML", yaml.safe_load) if path.suffix == ".yaml" else ("JSON", json.loads)
     try:
-        value = parse(path.read_text(encoding="utf-8"))
+        text = path.read_text(encoding="utf-8")
+        value = parse(text)
     except (yaml.YAMLError, json.JSONDecodeError, UnicodeDecodeError) as err:
         first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         problems.append(f"{path}: not valid {language} ({first_line})")
-        return None
+        return None, None
     if not isinstance(value, dict):
         problems.append(f"{path}: expected {'a mapping at the top level' if language == 'YAML' else 'a JSON object'}")
-        return None
-    return value
+        return None, None
+    return value, text
 
 
 def _rate(stats: dict[str, Any], metric: str) -> str:
