@@ -290,16 +290,25 @@ def check_attack(path: str | os.PathLike | None, model: torch.nn.Module, base_mo
     if not found and not layer_problems:
         problems.append(f"the attack model has no LoRA layers for adapter '{ADAPTER_NAME}'")
     if obj is not None and found:
-        meta = obj["metadata"]
-        if not same_base_model(str(meta.get("base_model")), base_model_name):
-            problems.append(f"directions were computed for base model '{meta.get('base_model')}', but the "
-                            f"attack model is '{base_model_name}'")
-        want = meta.get("adapter_sha256")
-        if base_adapters and want:
-            files = [Path(a).expanduser() / WEIGHTS_FILE for a in base_adapters]
-            if want not in {file_sha256(f) for f in files if f.is_file()}:
-                problems.append(mismatch(meta))
+        problems += provenance_problems(obj["metadata"], base_model_name, base_adapters, mismatch)
     return obj, found, problems
+
+
+def provenance_problems(meta: Mapping[str, Any], attack_base: str | None, base_adapters: Sequence[str],
+                        mismatch: Callable[[Mapping[str, Any]], str]) -> list[str]:
+    """Whether directions with metadata ``meta`` belong to the attack: computed for its base model (when
+    known) and from an adapter among ``base_adapters``, the ones it trained on top of (same sha256; else the
+    problem ``mismatch(meta)``, in the caller's words)."""
+    problems = []
+    if attack_base and not same_base_model(str(meta.get("base_model")), attack_base):
+        problems.append(f"directions were computed for base model '{meta.get('base_model')}', but the "
+                        f"attack model is '{attack_base}'")
+    want = meta.get("adapter_sha256")
+    if base_adapters and want:
+        files = [Path(a).expanduser() / WEIGHTS_FILE for a in base_adapters]
+        if want not in {file_sha256(f) for f in files if f.is_file()}:
+            problems.append(mismatch(meta))
+    return problems
 
 
 def build_projector(cfg: ProjectionConfig, model: torch.nn.Module, base_model_name: str,

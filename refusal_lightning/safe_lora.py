@@ -39,8 +39,7 @@ from refusal_lightning.alignment import (
     apply_alignment,
     projected_cosine,
 )
-from refusal_lightning.checksums import file_sha256
-from refusal_lightning.directions import DirectionsError, _direction_key, load_directions, same_base_model
+from refusal_lightning.directions import DirectionsError, _direction_key, load_directions, provenance_problems
 from refusal_lightning.files import replace_dir
 from refusal_lightning.loading import check_adapter_dir
 from refusal_lightning.lowrank import lowrank_inner, lowrank_norm
@@ -204,18 +203,14 @@ def safe_lora(attack_adapter_path: str, directions_path: str, output_dir: str,
     matched: dict[str, str] = {}  # attack module -> directions key
     uncovered: list[str] = []
     if obj is not None:
-        modules, meta = obj["modules"], obj["metadata"]
+        modules = obj["modules"]
         attack_base = config.get("base_model_name_or_path")
-        if attack_base and not same_base_model(str(meta.get("base_model")), str(attack_base)):
-            problems.append(f"directions were computed for base model '{meta.get('base_model')}', the attack "
-                            f"adapter is for '{attack_base}'")
-        want = meta.get("adapter_sha256")
-        shas = {file_sha256(Path(a).expanduser() / WEIGHTS_FILE) for a in frozen
-                if (Path(a).expanduser() / WEIGHTS_FILE).is_file()}
-        if frozen and want and want not in shas:
-            problems.append(f"the directions were computed from {meta.get('adapter_path')} (sha256 {want[:12]}...), "
-                            f"which is not among the adapters the attack trained on ({', '.join(frozen)}): the "
-                            "alignment matrix must be the refusal update the attack was trained on top of")
+        problems += provenance_problems(
+            obj["metadata"], str(attack_base) if attack_base else None, frozen,
+            mismatch=lambda meta: (f"the directions were computed from {meta.get('adapter_path')} (sha256 "
+                                   f"{meta['adapter_sha256'][:12]}...), which is not among the adapters the attack "
+                                   f"trained on ({', '.join(frozen)}): the alignment matrix must be the refusal "
+                                   "update the attack was trained on top of"))
         bad_shape = []
         for name, (a, b) in factors.items():
             key = _direction_key(name, modules)
