@@ -234,7 +234,8 @@ def _safe_div(x: float, y: float) -> float:
 
 
 def _stacked(ents: Sequence[Mapping[str, Any]], key: str, dtype: torch.dtype) -> torch.Tensor:
-    return torch.stack([e[key].to(dtype) for e in ents])
+    """The refusal entries' ``key`` tensors, stacked."""
+    return _stack([e[key] for e in ents], dtype)
 
 
 def _lora_param_cache(ents: Sequence[Mapping[str, Any]], cfg: ProjectionConfig, dtype: torch.dtype,
@@ -298,7 +299,7 @@ def build_group(cfg: ProjectionConfig, targets: Sequence[LoraTarget], directions
 # ------------------------------------------------------------------------ projections, per mode
 # Each takes the groups and their stacked (g_B, g_A), projects those in place when `apply`, and returns
 # the removed squared norm as a 0-d tensor (no host sync).
-def _sq(t: torch.Tensor) -> torch.Tensor:
+def sq_norms(t: torch.Tensor) -> torch.Tensor:
     """Per-module squared Frobenius norm of a stacked ``(G, m, n)`` tensor."""
     return (t * t).sum((1, 2))
 
@@ -317,7 +318,7 @@ def _off_joint(gBs: list[torch.Tensor], gAs: list[torch.Tensor], cons: list[tupl
     """Project off the one constraint that concatenates every group's ``(c_B, c_A)`` (``global``)."""
     dot = torch.stack([(_dot(gB, cB) + _dot(gA, cA)).sum()
                        for gB, gA, (cB, cA) in zip(gBs, gAs, cons, strict=True)]).sum()
-    cc = torch.stack([(_sq(cB) + _sq(cA)).sum() for cB, cA in cons]).sum()
+    cc = torch.stack([(sq_norms(cB) + sq_norms(cA)).sum() for cB, cA in cons]).sum()
     coef = _safe_coef(dot, cc, torch.zeros_like(cc) if skip_below is None else skip_below)
     if apply:
         for gB, gA, (cB, cA) in zip(gBs, gAs, cons, strict=True):
@@ -354,12 +355,12 @@ def project_delta_weight(groups: Sequence[ModuleGroup], gBs: list[torch.Tensor],
         s = g.s_a[:, None, None]
         cons.append((s * (x @ (y @ Aa.mT)),  # s_a D A_a^T   (G, out, r_a), via an r x r_a core
                      s * ((Ba.mT @ x) @ y)))  # s_a B_a^T D   (G, r_a, in)
-        refs.append(g.s_a.square() * (_sq(Aa) + _sq(Ba)))
+        refs.append(g.s_a.square() * (sq_norms(Aa) + sq_norms(Ba)))
     if not per_module:
         return _off_joint(gBs, gAs, cons, _SKIP_REL**2 * torch.stack([r.sum() for r in refs]).sum(), apply)
     removed = []
     for gB, gA, (cB, cA), ref in zip(gBs, gAs, cons, refs, strict=True):
-        dot, cc = _dot(gB, cB) + _dot(gA, cA), _sq(cB) + _sq(cA)
+        dot, cc = _dot(gB, cB) + _dot(gA, cA), sq_norms(cB) + sq_norms(cA)
         coef = _safe_coef(dot, cc, _SKIP_REL**2 * ref)
         removed.append((coef * coef * cc).sum())
         if apply:
@@ -376,7 +377,7 @@ def project_subspace(groups: Sequence[ModuleGroup], gBs: list[torch.Tensor], gAs
     for g, gB, gA in zip(groups, gBs, gAs, strict=True):
         u, v = g.dirs.projected()
         pB, pA = u.mT @ gB, gA @ v  # (G, k, r_a), (G, r_a, k)
-        removed.append(_sq(pB).sum() + _sq(pA).sum())
+        removed.append(sq_norms(pB).sum() + sq_norms(pA).sum())
         if apply:
             gB.sub_(u @ pB)
             gA.sub_(pA @ v.mT)

@@ -22,6 +22,7 @@ from refusal_lightning.projection import (
     ModuleGroup,
     ProjectionConfig,
     build_group,
+    sq_norms,
 )
 
 
@@ -95,9 +96,11 @@ class Projector:
             self._frac = {kind: t.to(self._groups[0].device) for kind, t in self._frac.items()}
 
     # ------------------------------------------------------------------------------- per step
-    def _uncovered_sq(self, tensors: Sequence[torch.Tensor | None], like: torch.Tensor) -> torch.Tensor:
-        sq = [t.float().square().sum() for t in tensors if t is not None]
-        return torch.stack(sq).sum().to(like) if sq else torch.zeros((), dtype=like.dtype, device=like.device)
+    def _total_sq(self, stacked: Sequence[torch.Tensor], uncovered: Sequence[torch.Tensor | None]) -> torch.Tensor:
+        """Squared norm of the stacked groups' tensors plus the uncovered modules' (0-d, no host sync)."""
+        total = torch.stack([sq_norms(x).sum() for x in stacked]).sum()
+        sq = [t.float().square().sum() for t in uncovered if t is not None]
+        return total + torch.stack(sq).sum().to(total) if sq else total
 
     def _record(self, removed_sq: torch.Tensor, total_sq: torch.Tensor, kind: str) -> torch.Tensor:
         frac = torch.where(total_sq > 0, removed_sq / total_sq.clamp_min(torch.finfo(total_sq.dtype).tiny),
@@ -122,8 +125,7 @@ class Projector:
         self._follow_params()
         stacked = [g.grads() for g in self._groups]
         gBs, gAs = [gB for gB, _ in stacked], [gA for _, gA in stacked]
-        total = torch.stack([(x * x).sum((1, 2)).sum() for x in gBs + gAs]).sum()
-        total = total + self._uncovered_sq([p.grad for p in self.uncovered], total)
+        total = self._total_sq(gBs + gAs, [p.grad for p in self.uncovered])
         removed = self._project(self._groups, gBs, gAs, per_module=self._per_module, apply=apply)
         if apply:
             for g, gB, gA in zip(self._groups, gBs, gAs, strict=True):
@@ -161,9 +163,8 @@ class Projector:
             a_new, b_new = g.params()
             dAs.append(a_new.sub_(a_old))
             dBs.append(b_new.sub_(b_old))
-        total = torch.stack([(x * x).sum((1, 2)).sum() for x in dBs + dAs]).sum()
         unc = [p.detach() - old for p, old in zip(self.uncovered, self._uncovered_snapshot, strict=True)]
-        total = total + self._uncovered_sq(unc, total)
+        total = self._total_sq(dBs + dAs, unc)
         removed = self._project(self._groups, dBs, dAs, per_module=self._per_module, apply=apply, points=olds)
         if apply:
             for g, dB, dA, (a_old, b_old) in zip(self._groups, dBs, dAs, olds, strict=True):
