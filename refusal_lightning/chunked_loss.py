@@ -73,7 +73,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
     """Per-token ``nll_i = logsumexp(h_i W^T + b) - (h_i W^T + b)[y_i]``, chunk by chunk."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, chunk_size, hidden_grad):  # noqa: D102
+    def forward(ctx, hidden, weight, bias, targets, chunk_size, hidden_grad, hits):  # noqa: D102
         n, acc = hidden.shape[0], _acc_dtype(hidden.dtype)
         nll = hidden.new_empty(n, dtype=acc)
         lse = hidden.new_empty(n, dtype=acc)
@@ -83,6 +83,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
             rows = slice(start, min(start + chunk_size, n))
             h, y = hidden[rows], targets[rows]
             logits = _chunk_logits(h, weight, bias)
+            if hits is not None:  # token accuracy, while this chunk's logits exist (not a differentiable output)
+                hits[rows] = logits.argmax(-1) == y
             target_logit = logits.gather(1, y[:, None]).squeeze(1)
             lse[rows] = _softmax_(logits)
             nll[rows] = lse[rows] - target_logit
@@ -125,11 +127,12 @@ class _LinearCrossEntropy(torch.autograd.Function):
                     d_bias += probs.sum(0)
             d_weight = None if d_weight is None else d_weight.to(weight.dtype)
             d_bias = None if d_bias is None else d_bias.to(bias.dtype)
-        return d_hidden, d_weight, d_bias, None, None, None
+        return d_hidden, d_weight, d_bias, None, None, None, None
 
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                         bias: torch.Tensor | None = None, chunk_size: int = DEFAULT_CHUNK_SIZE) -> torch.Tensor:
+                         bias: torch.Tensor | None = None, chunk_size: int = DEFAULT_CHUNK_SIZE,
+                         hits: torch.Tensor | None = None) -> torch.Tensor:
     """Per-token ``cross_entropy(hidden @ weight.T + bias, targets)`` without the full logits.
 
     Args:
@@ -138,6 +141,8 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
         targets: ``(n,)`` token ids, all valid (no ``-100``).
         bias: optional ``(vocab,)`` head bias.
         chunk_size: tokens per chunk; memory holds ``chunk_size x vocab`` fp32 logits at a time.
+        hits: optional ``(n,)`` bool buffer, filled with whether each target is the head's argmax (token
+            accuracy, from the same logits; costs one argmax per chunk).
 
     Returns:
         ``(n,)`` negative log-likelihoods (fp32, or fp64 for fp64 inputs); differentiable in ``hidden``,
@@ -149,7 +154,7 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
     hidden_grad = torch.is_grad_enabled() and hidden.requires_grad
     with torch.autocast(hidden.device.type, enabled=False):
         return _LinearCrossEntropy.apply(hidden.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype),
-                                         targets, chunk_size, hidden_grad)
+                                         targets, chunk_size, hidden_grad, hits)
 
 
 def next_token_loss(hidden: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor,
@@ -159,10 +164,27 @@ def next_token_loss(hidden: torch.Tensor, labels: torch.Tensor, weight: torch.Te
     Equal to ``model(..., labels=labels).loss``. A batch without any labelled token gives a zero loss
     (still connected to the graph) where the full loss gives NaN.
     """
+    return _labelled_loss(hidden, labels, weight, bias, chunk_size, with_hits=False)[0]
+
+
+@torch.no_grad()
+def next_token_loss_and_hits(hidden: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor,
+                             bias: torch.Tensor | None = None, chunk_size: int = DEFAULT_CHUNK_SIZE
+                             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``next_token_loss`` (no gradient) and ``(n,)`` bool: whether each labelled next token is the head's
+    argmax (token accuracy), from one chunked pass over the head."""
+    loss, hits = _labelled_loss(hidden, labels, weight, bias, chunk_size, with_hits=True)
+    assert hits is not None
+    return loss, hits
+
+
+def _labelled_loss(hidden: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                   chunk_size: int, with_hits: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
     hidden_sel, targets, _ = shift_labels(hidden, labels)
+    hits = torch.zeros(targets.numel(), dtype=torch.bool, device=hidden.device) if with_hits else None
     if not targets.numel():
-        return hidden.sum() * 0.0
-    return linear_cross_entropy(hidden_sel, weight, targets, bias, chunk_size).sum() / targets.numel()
+        return hidden.sum() * 0.0, hits
+    return linear_cross_entropy(hidden_sel, weight, targets, bias, chunk_size, hits).sum() / targets.numel(), hits
 
 
 def per_example_loss(hidden: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor,
@@ -173,18 +195,6 @@ def per_example_loss(hidden: torch.Tensor, labels: torch.Tensor, weight: torch.T
     rows = mask.nonzero()[:, 0]
     sums = torch.zeros(mask.shape[0], dtype=nll.dtype, device=nll.device).index_add(0, rows, nll)
     return sums / mask.sum(1).clamp(min=1)
-
-
-@torch.no_grad()
-def next_token_hits(hidden: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor,
-                    bias: torch.Tensor | None = None, chunk_size: int = DEFAULT_CHUNK_SIZE) -> torch.Tensor:
-    """``(n,)`` bool: whether each labelled next token is the head's argmax (token accuracy), chunked."""
-    hidden_sel, targets, _ = shift_labels(hidden, labels)
-    dtype = _compute_dtype(hidden, weight)
-    weight, bias = weight.to(dtype), None if bias is None else bias.to(dtype)
-    hits = [torch.nn.functional.linear(hidden_sel[i:i + chunk_size].to(dtype), weight, bias).argmax(-1)
-            == targets[i:i + chunk_size] for i in range(0, targets.numel(), chunk_size)]
-    return torch.cat(hits) if hits else torch.zeros(0, dtype=torch.bool, device=hidden.device)
 
 
 # ------------------------------------------------------------------------- the model's decoder and head

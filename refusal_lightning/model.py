@@ -21,8 +21,8 @@ from refusal_lightning.chunked_loss import (
     check_loss_impl,
     decoder_and_head,
     liger_next_token_loss,
-    next_token_hits,
     next_token_loss,
+    next_token_loss_and_hits,
     per_example_loss,
     shift_labels,
 )
@@ -212,11 +212,11 @@ class RefusalLoRAModule(L.LightningModule):
             logits, targets, _ = shift_labels(out.logits, labels)
             return out.loss, logits.argmax(-1) == targets
         hidden, head = self._final_hidden(batch)
+        if hits:  # evaluation: one chunked pass over the head gives both (liger too: no gradient is needed)
+            return next_token_loss_and_hits(hidden, labels, head.weight, head.bias, self.loss_chunk_size)
         if self.loss_impl == "liger":
-            loss = liger_next_token_loss(hidden, labels, head.weight, head.bias)
-        else:
-            loss = next_token_loss(hidden, labels, head.weight, head.bias, self.loss_chunk_size)
-        return loss, next_token_hits(hidden, labels, head.weight, head.bias, self.loss_chunk_size) if hits else None
+            return liger_next_token_loss(hidden, labels, head.weight, head.bias), None
+        return next_token_loss(hidden, labels, head.weight, head.bias, self.loss_chunk_size), None
 
     def _shared_step(self, batch: dict[str, torch.Tensor], stage: str) -> torch.Tensor:
         n = batch["input_ids"].shape[0]

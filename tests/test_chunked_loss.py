@@ -6,7 +6,12 @@ import pytest
 import torch
 
 from refusal_lightning import chunked_loss
-from refusal_lightning.chunked_loss import linear_cross_entropy, next_token_hits, next_token_loss, per_example_loss
+from refusal_lightning.chunked_loss import (
+    linear_cross_entropy,
+    next_token_loss,
+    next_token_loss_and_hits,
+    per_example_loss,
+)
 from refusal_lightning.model import LoRASettings, RefusalLoRAModule
 
 
@@ -186,7 +191,7 @@ def test_liger_without_the_package_says_what_to_do(tmp_path, tiny_model_dir, mon
 
 
 @pytest.mark.parametrize("chunk_size", [1, 7, 1000])
-def test_token_hits_equal_full_logits_argmax(chunk_size):
+def test_token_hits_equal_full_logits_argmax_and_come_with_the_loss(chunk_size):
     torch.manual_seed(1)
     hidden, weight, bias = torch.randn(4, 13, 16), torch.randn(50, 16), torch.randn(50)
     labels = _labels(4, 13, 50)
@@ -194,6 +199,9 @@ def test_token_hits_equal_full_logits_argmax(chunk_size):
     labels[:, 1::2] = torch.where(labels[:, 1::2] != -100, predicted[:, ::2], -100)  # every other token a hit
     mask = labels[:, 1:] != -100
     want = (predicted == labels[:, 1:])[mask]
-    got = next_token_hits(hidden, labels, weight, bias, chunk_size=chunk_size)
+    loss, got = next_token_loss_and_hits(hidden, labels, weight, bias, chunk_size=chunk_size)
     assert got.dtype == torch.bool and torch.equal(got, want) and 0 < int(want.sum()) < want.numel()
-    assert not next_token_hits(hidden, torch.full_like(labels, -100), weight, bias).numel()
+    # the same pass gives the loss, bit for bit
+    assert torch.equal(loss, next_token_loss(hidden, labels, weight, bias, chunk_size=chunk_size))
+    loss, none = next_token_loss_and_hits(hidden, torch.full_like(labels, -100), weight, bias)
+    assert not none.numel() and float(loss) == 0.0
