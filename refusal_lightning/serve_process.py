@@ -7,6 +7,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 
@@ -25,13 +26,15 @@ class ServerProcess:
     """``python -m refusal_lightning serve`` in the background on a free loopback port; always stopped."""
 
     def __init__(self, model: str, adapters: dict[str, Path], log_path: Path, timeout_s: float = 180,
-                 max_batch_size: int = 16):
+                 max_batch_size: int = 16, extra_args: Sequence[str] = ()):
+        """``extra_args``: more ``serve`` options, e.g. ``["--device", "cpu"]``."""
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.args = [sys.executable, "-m", "refusal_lightning", "serve", "--model", model,
                      "--served_model_name", "base", "--port", str(self.port), "--max_batch_size", str(max_batch_size)]
         for name, path in adapters.items():
             self.args += ["--adapter", f"{name}={path}"]
+        self.args += list(extra_args)
         self.log_path = log_path
         self.timeout_s = timeout_s
         self.proc: subprocess.Popen | None = None
