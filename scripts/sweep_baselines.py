@@ -32,6 +32,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # run as a script from anywhere
     sys.path.insert(0, str(REPO))
 
+from refusal_lightning.files import atomic_write_text  # noqa: E402
 from refusal_lightning.formatting import interval  # noqa: E402
 from refusal_lightning.stacking import COMBINED_DIR  # noqa: E402
 
@@ -120,7 +121,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"[sweep] held-out NLL of {len(todo)} models", flush=True)
         nll.update(heldout_nll(base_model, todo, red_data=vanilla_cfg["data"], blue_data=refusal_cfg["data"],
                                max_pairs=args.nll_max_pairs))
-        nll_path.write_text(json.dumps(nll, indent=2) + "\n")
+        atomic_write_text(nll_path, json.dumps(nll, indent=2) + "\n")  # the resume cache: never half written
 
     from refusal_lightning.evaluation.client import GenerationSettings
     from refusal_lightning.evaluation.judges import JudgeSettings
@@ -147,9 +148,9 @@ def main(argv: list[str] | None = None) -> None:
     result = {"validation": {"prompts": f"{PROXY}/validation_sorry_proxy.jsonl",
                              "benign_prompts": f"{PROXY}/validation_benign_proxy.jsonl"},
               "nll_max_pairs": args.nll_max_pairs, "rows": rows, "wall_s": round(time.time() - started, 1)}
-    (out / "sweep.json").write_text(json.dumps(result, indent=2) + "\n")
+    atomic_write_text(out / "sweep.json", json.dumps(result, indent=2) + "\n")
     table = sweep_table(rows)
-    (out / "sweep.md").write_text("# Baseline sweeps on the validation split\n\n" + table + "\n")
+    atomic_write_text(out / "sweep.md", "# Baseline sweeps on the validation split\n\n" + table + "\n")
     print("\n" + table + f"\n\nwrote {out / 'sweep.json'} and {out / 'sweep.md'}")
 
 
