@@ -273,9 +273,10 @@ def _write(result: dict[str, Any], out: Path, md: Path | None) -> None:
     out.write_text(json.dumps(result, indent=2) + "\n")
     md_path = md or out.with_suffix(".md")
     md_path.parent.mkdir(parents=True, exist_ok=True)
-    md_path.write_text(markdown(result))
+    text = markdown(result)
+    md_path.write_text(text)
     log(f"wrote {out} and {md_path} in {result['wall_s']:.0f} s")
-    print(markdown(result))
+    print(text)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

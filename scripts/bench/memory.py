@@ -72,8 +72,8 @@ def probe_memory(names: list[str], args: argparse.Namespace, workdir: Path, devi
         cmd += ["--batch", str(args.batch)] if args.batch else []
         cmd += ["--seq", str(args.seq)] if args.seq else []
         cmd += ["--compile"] if args.compile else []
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1800,
-                              env={**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"})
+        # the probe inherits the environment cli._quiet_libraries set up for the timed runs
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
         lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
         if proc.returncode != 0 or not lines:
             return name, {"error": (proc.stderr or proc.stdout)[-800:]}
