@@ -1,4 +1,4 @@
-"""The proxy data's bag-of-words control (``make_proxy_data.py`` writes it into ``generation_report.json``).
+"""The proxy data's bag-of-words control (``make_proxy_data.py`` writes it into ``report.json``).
 
 If word counts alone separated the held-out harmful prompts from their benign twins, a refusal model could
 score well by keying on words; this measures how far they do, with the intent words and without them.
