@@ -53,12 +53,20 @@ def atomic_write_text(path: str | Path, text: str) -> None:
 
 
 def replace_dir(src: Path, dst: Path) -> None:
-    """Put folder ``src`` at ``dst``: the old ``dst`` is moved aside first, so ``dst`` is never half written."""
+    """Put folder ``src`` at ``dst``: the old ``dst`` is moved aside first, so ``dst`` is never half written;
+    if ``src`` cannot be moved in, or an earlier call stopped between the two renames, the old one is put back."""
     old = dst.with_name(f".{dst.name}.old")
+    if old.exists() and not dst.exists():  # an earlier swap stopped half way: its old folder is the only copy
+        os.replace(old, dst)
     shutil.rmtree(old, ignore_errors=True)
     if dst.exists():
         os.replace(dst, old)
-    os.replace(src, dst)
+    try:
+        os.replace(src, dst)
+    except OSError:
+        if old.exists() and not dst.exists():
+            os.replace(old, dst)
+        raise
     shutil.rmtree(old, ignore_errors=True)
 
 

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from refusal_lightning.checksums import file_sha256
+from refusal_lightning.files import replace_dir
 
 MARKER = "prepare_model.json"
 # What a converted folder must hold for the cache to count (the tokenizer may also write other files).
@@ -173,22 +174,15 @@ def prepare_model(
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     except OSError as exc:
         raise PrepareModelError(f"cannot write beside output_dir '{output_dir}': {exc}") from exc
-    old = out.parent / f".{out.name}.old-{os.getpid()}"
     try:
         plain.save_pretrained(tmp)  # safetensors; the tied lm_head is stored once
         tokenizer.save_pretrained(tmp)  # tokenizer.json + chat template
         _write_marker(tmp, {"base_model": base_model_id, "gguf": source.name, "gguf_sha256": sha,
                             "transformers": transformers.__version__})
-        # A folder cannot be renamed onto a non-empty one: move the old aside, swap, then delete it.
-        if out.exists():
-            os.replace(out, old)
-        os.replace(tmp, out)
+        replace_dir(tmp, out)  # the previous folder comes back if the swap fails
     except OSError as exc:
-        if old.exists() and not out.exists():
-            os.replace(old, out)  # put the previous folder back rather than leave nothing
         raise PrepareModelError(f"cannot write '{output_dir}': {exc}") from exc
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-        shutil.rmtree(old, ignore_errors=True)
     print(f"prepare-model: wrote {out} in {time.perf_counter() - start:.1f} s (base model {base_model_id})")
     return str(out)

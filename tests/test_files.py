@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+
+import pytest
+
 from refusal_lightning.files import atomic_write_text, move_files_into, replace_dir
 
 
@@ -55,3 +59,17 @@ def test_replace_dir_and_move_files_into_leave_only_the_new_files(tmp_path):
     replace_dir(other, old)
     assert [p.name for p in old.iterdir()] == ["b.txt"] and not other.exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "staging"]
+
+
+def test_replace_dir_keeps_the_old_folder_when_the_swap_fails(tmp_path):
+    dst = tmp_path / "out"
+    dst.mkdir()
+    (dst / "weights.txt").write_text("old")
+    with pytest.raises(FileNotFoundError):
+        replace_dir(tmp_path / "never-written", dst)
+    assert (dst / "weights.txt").read_text() == "old"
+    # a swap that stopped between its two renames left only the old folder, aside: it comes back
+    os.replace(dst, tmp_path / ".out.old")
+    with pytest.raises(FileNotFoundError):
+        replace_dir(tmp_path / "never-written", dst)
+    assert (dst / "weights.txt").read_text() == "old" and not (tmp_path / ".out.old").exists()
