@@ -15,29 +15,38 @@ import json
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import requests
-
+from refusal_lightning.evaluation.client import ChatClient, GenerationSettings
+from refusal_lightning.evaluation.prompts import BENIGN, load_prompts
 from refusal_lightning.serve import start_background
 
 DATA = Path(__file__).resolve().parents[1] / "refusal_lightning" / "data" / "proxy"
 
 
 def prompts(n: int) -> list[str]:
-    harm = [json.loads(line)["turns"][0] for line in (DATA / "sorry_bench_proxy.jsonl").open()]
-    benign = [json.loads(line)["prompt"] for line in (DATA / "benign_eval.jsonl").open()]
-    mixed = [p for pair in zip(harm, benign, strict=False) for p in pair]
-    return mixed[:n]
+    """The first ``n`` of the demo's SORRY-Bench-proxy and benign prompts, alternating."""
+    loaded = load_prompts(str(DATA / "sorry_bench_proxy.jsonl"), benign_prompts=str(DATA / "benign_eval.jsonl"))
+    harm = [p.text for p in loaded.prompts if p.prompt_set != BENIGN]
+    benign = [p.text for p in loaded.prompts if p.prompt_set == BENIGN]
+    return [p for pair in zip(harm, benign, strict=False) for p in pair][:n]
 
 
 def answers(url: str, texts: list[str], max_tokens: int, concurrency: int) -> list[str]:
-    def ask(text: str) -> str:
-        body = {"messages": [{"role": "user", "content": text}], "max_tokens": max_tokens, "temperature": 0}
-        reply = requests.post(f"{url}/v1/chat/completions", json=body, timeout=600)
-        reply.raise_for_status()
-        return reply.json()["choices"][0]["message"]["content"]
+    settings = GenerationSettings(temperature=0.0, max_tokens=max_tokens, seed=None, disable_thinking=False)
+    client = ChatClient(f"{url}/v1", name="compare")
 
-    with ThreadPoolExecutor(concurrency) as pool:
-        return list(pool.map(ask, texts))
+    def ask(text: str) -> str:
+        body = settings.payload("", [{"role": "user", "content": text}])
+        del body["model"]  # the server's only model
+        result = client.chat(body)
+        if result.content is None:
+            raise RuntimeError(f"request failed: {result.error}")
+        return result.content
+
+    try:
+        with ThreadPoolExecutor(concurrency) as pool:
+            return list(pool.map(ask, texts))
+    finally:
+        client.close()
 
 
 def main() -> None:
