@@ -84,12 +84,14 @@ def build_tokenizer(corpus: Iterable[str] | None = None, vocab_size: int = 1024)
 
 
 def build_model(tokenizer, seed: int = 0, hidden_size: int = 64, num_layers: int = 2,
-                num_heads: int = 4, num_kv_heads: int = 2, intermediate_size: int | None = None):
-    """A randomly initialised ``Qwen3ForCausalLM``; the same seed gives the same weights."""
+                num_heads: int = 4, num_kv_heads: int = 2, intermediate_size: int | None = None,
+                model_vocab_size: int | None = None):
+    """A randomly initialised ``Qwen3ForCausalLM``; the same seed gives the same weights.
+    ``model_vocab_size``: embedding rows (default: the tokenizer's; larger for a real-vocabulary head)."""
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
     config = Qwen3Config(
-        vocab_size=len(tokenizer),
+        vocab_size=model_vocab_size or len(tokenizer),
         hidden_size=hidden_size,
         intermediate_size=intermediate_size or 2 * hidden_size,
         num_hidden_layers=num_layers,
@@ -111,7 +113,7 @@ def build_model(tokenizer, seed: int = 0, hidden_size: int = 64, num_layers: int
 
 
 def save_tiny_model(output_dir: str | Path, seed: int = 0, hidden_size: int = 64, num_layers: int = 2,
-                    vocab_size: int = 1024) -> Path:
+                    vocab_size: int = 1024, model_vocab_size: int | None = None) -> Path:
     """Build the tiny model + tokenizer and ``save_pretrained`` both into ``output_dir``.
 
     Args:
@@ -120,12 +122,15 @@ def save_tiny_model(output_dir: str | Path, seed: int = 0, hidden_size: int = 64
         hidden_size: model width (64 for tests and the demo; 512 for the ``cpu-small`` benchmark).
         num_layers: decoder layers.
         vocab_size: BPE vocabulary size, special tokens included.
+        model_vocab_size: the model's embedding rows, if more than the tokenizer's (the benchmark's
+            real-vocabulary head; the tokenizer's ids index the first rows).
     """
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = build_tokenizer(vocab_size=vocab_size)
     model = build_model(tokenizer, seed=seed, hidden_size=hidden_size, num_layers=num_layers,
-                        num_heads=max(4, hidden_size // 64), num_kv_heads=max(2, hidden_size // 128))
+                        num_heads=max(4, hidden_size // 64), num_kv_heads=max(2, hidden_size // 128),
+                        model_vocab_size=model_vocab_size)
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     return out

@@ -53,23 +53,10 @@ def build_base_model(preset: Preset, folder: Path, device: torch.device) -> Path
 def _save_wide_vocab_model(folder: Path, preset: Preset) -> Path:
     """tiny.py's model at ``preset``'s width and depth with ``preset.vocab_size`` (tied embeddings, as
     Qwen3-0.6B), random fp32 weights; the tiny tokenizer's ids (< 1024) index the first rows."""
-    from transformers import Qwen3ForCausalLM
+    from refusal_lightning.tiny import save_tiny_model
 
-    from refusal_lightning.tiny import build_model, build_tokenizer
-
-    tokenizer = build_tokenizer()
-    small = build_model(tokenizer, seed=0, hidden_size=preset.hidden_size, num_layers=preset.num_layers,
-                        num_heads=max(4, preset.hidden_size // 64), num_kv_heads=max(2, preset.hidden_size // 128))
-    config = small.config
-    config.vocab_size = preset.vocab_size
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        model = Qwen3ForCausalLM(config)
-    model.generation_config = small.generation_config
-    folder.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
+    return save_tiny_model(folder, seed=0, hidden_size=preset.hidden_size, num_layers=preset.num_layers,
+                           model_vocab_size=preset.vocab_size)
 
 
 def lora_config():
