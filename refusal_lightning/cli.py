@@ -7,10 +7,9 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable
-from pathlib import Path
 
-LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
-PROG = "python -m refusal_lightning"
+from refusal_lightning.train.fit import LIGHTNING_COMMANDS, lightning_cli
+from refusal_lightning.user_errors import PROG, UsageError, brief_errors, exit_on_user_error
 
 USAGE = """usage: python -m refusal_lightning COMMAND [options]
 
@@ -30,93 +29,16 @@ Other commands (`COMMAND --help`):
 """
 
 
-class UsageError(ValueError):
-    """A bad command line or config value (jsonargparse's message, with a pointer to ``--help``)."""
-
-
-def _brief_errors(parser_class: type) -> type:
-    """``parser_class`` whose errors are one ``error:`` line ending in a pointer to ``--help``, instead of
-    argparse's whole usage (84 lines for ``fit``) printed before the line that matters."""
-
-    class BriefErrors(parser_class):
-        def error(self, message: str, ex: Exception | None = None):
-            import os
-
-            if not self.exit_on_error or os.environ.get("JSONARGPARSE_DEBUG"):  # debugging: jsonargparse's way
-                return super().error(message, ex)
-            parser = getattr(ex, "subcommand_parser", None) or self
-            prog = parser.prog.replace(" [options]", "")
-            detail = " ".join(message.split())  # jsonargparse indents its details on further lines
-            raise UsageError(f"{detail} (`{prog} --help` lists the options)")
-
-    return BriefErrors
-
-
-def _lightning_cli(args: list[str]) -> None:
-    from lightning.pytorch import Trainer
-    from lightning.pytorch.callbacks import ProgressBar
-    from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
-
-    from refusal_lightning.datamodule import HarmfulQADataModule, check_use_distributed_sampler
-    from refusal_lightning.inputs import check_fit_inputs
-    from refusal_lightning.model import RefusalLoRAModule
-    from refusal_lightning.progress import StepProgressBar
-
-    class RunFolderConfig(SaveConfigCallback):
-        """Also writes the resolved config beside the adapter, so the run folder reproduces the run."""
-
-        def save_config(self, trainer, pl_module, stage: str) -> None:
-            folder = Path(getattr(pl_module, "output_dir", "."))
-            folder.mkdir(parents=True, exist_ok=True)
-            self.parser.save(self.config, str(folder / "config.yaml"), skip_none=False, overwrite=True)
-
-    class RefusalCLI(LightningCLI):
-        def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-            parser.link_arguments("model.model_name_or_path", "data.tokenizer_name_or_path")
-
-        def before_instantiate_classes(self) -> None:
-            """Refuse what cannot work before anything loads or any process starts."""
-            config = self.config[self.subcommand]
-            check_use_distributed_sampler(config.trainer.use_distributed_sampler)
-            model = config.model
-            projection = model.projection
-            directions_path = (projection.get("directions_path") if hasattr(projection, "get")
-                               else getattr(projection, "directions_path", None))
-            check_fit_inputs(model.model_name_or_path, model.merge_adapters, directions_path,
-                             [str(c) for c in config.get("config") or []])
-
-        def _instantiate_trainer(self, config: dict, callbacks: list) -> Trainer:
-            # Our bar (step / max_steps, ETA) unless the config brings a bar or turns it off.
-            given = [*(config.get("callbacks") or []), *callbacks]
-            if config.get("enable_progress_bar") is not False and not any(isinstance(c, ProgressBar) for c in given):
-                callbacks = [*callbacks, StepProgressBar()]
-            return super()._instantiate_trainer(config, callbacks)
-
-    RefusalCLI(
-        RefusalLoRAModule,
-        HarmfulQADataModule,
-        save_config_callback=RunFolderConfig,
-        save_config_kwargs={"overwrite": True},
-        parser_class=_brief_errors(LightningArgumentParser),
-        parser_kwargs={"prog": PROG},
-        # The length-grouped sampler shards batches by rank itself; Lightning must not wrap it.
-        trainer_defaults={"use_distributed_sampler": False},
-        seed_everything_default=0,
-        auto_configure_optimizers=False,
-        args=None if args == sys.argv[1:] else args,  # LightningCLI warns when given both
-    )
-
-
 COMMAND_TARGETS = {
-    "tiny-model": "refusal_lightning.tiny:tiny_model",
-    "prepare-model": "refusal_lightning.prepare_model:prepare_model",
-    "combine": "refusal_lightning.stacking:combine",
-    "safe-lora": "refusal_lightning.safe_lora:safe_lora",
-    "directions": "refusal_lightning.directions:directions",
-    "serve": "refusal_lightning.serve:serve",
+    "tiny-model": "refusal_lightning.models.tiny:tiny_model",
+    "prepare-model": "refusal_lightning.models.prepare:prepare_model",
+    "combine": "refusal_lightning.models.stacking:combine",
+    "safe-lora": "refusal_lightning.defences.safe_lora:safe_lora",
+    "directions": "refusal_lightning.defences.directions:directions",
+    "serve": "refusal_lightning.serving.server:serve",
     "evaluate": "refusal_lightning.evaluation.runner:evaluate",
-    "push": "refusal_lightning.hub:push",
-    "pipeline": "refusal_lightning.pipeline:pipeline",
+    "push": "refusal_lightning.hub.push:push",
+    "pipeline": "refusal_lightning.experiment.pipeline:pipeline",
 }
 
 
@@ -180,7 +102,7 @@ def _run(args: list[str]) -> None:
         print(USAGE)
         return
     if args[0] in LIGHTNING_COMMANDS:
-        _lightning_cli(args)
+        lightning_cli(args)
         return
     if args[0] not in COMMAND_TARGETS:
         known = ", ".join((*LIGHTNING_COMMANDS, *COMMAND_TARGETS))
@@ -191,16 +113,9 @@ def _run(args: list[str]) -> None:
     # A command's module may name short forms of its nested keys (the design's ``evaluate --judge llm``).
     short_flags = getattr(sys.modules[command.__module__], "SHORT_FLAGS", None)
     CLI(command, args=expand_shorthands(args[1:], *_param_kinds(command), short_flags),
-        parser_class=_brief_errors(ArgumentParser), prog=f"{PROG} {args[0]}", as_positional=False)
+        parser_class=brief_errors(ArgumentParser), prog=f"{PROG} {args[0]}", as_positional=False)
 
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point; errors this package raises for bad input become one ``error:`` line and exit 2."""
-    args = list(sys.argv[1:] if argv is None else argv)
-    try:
-        _run(args)
-    except Exception as exc:  # our own error types are user-facing validation errors
-        if not type(exc).__module__.startswith("refusal_lightning"):
-            raise
-        print(f"error: {exc}", file=sys.stderr)
-        raise SystemExit(2) from None
+    exit_on_user_error(_run, list(sys.argv[1:] if argv is None else argv))

@@ -39,7 +39,7 @@ from refusal_lightning.evaluation.client import ChatClient, GenerationSettings, 
 from refusal_lightning.evaluation.collect import collect_responses
 from refusal_lightning.evaluation.prompts import Prompt
 from refusal_lightning.evaluation.store import JsonlLog, WorkItem
-from refusal_lightning.serve_process import ServerProcess
+from refusal_lightning.serving.process import ServerProcess
 
 LEVELS = (1, 4, 16, 64)
 SERVE_LEVELS = {1: 16, 4: 64, 16: 64}  # concurrency -> requests

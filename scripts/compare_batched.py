@@ -4,7 +4,7 @@
 
 Starts two in-process servers on the same model (batched and unbatched), sends the same greedy requests
 (SORRY-Bench-proxy + benign prompts) concurrently to each, and prints the share of answers that differ.
-On the tiny model they must not differ (tests/test_serve.py); on a real model fp32 rounding differs with
+On the tiny model they must not differ (tests/serving/test_serve.py); on a real model fp32 rounding differs with
 the padded batch shape, so near-ties can flip.
 """
 
@@ -17,7 +17,7 @@ from pathlib import Path
 
 from refusal_lightning.evaluation.client import ChatClient, GenerationSettings
 from refusal_lightning.evaluation.prompts import BENIGN, load_prompts
-from refusal_lightning.serve import start_background
+from refusal_lightning.serving.server import start_background
 
 DATA = Path(__file__).resolve().parents[1] / "refusal_lightning" / "data" / "proxy"
 

@@ -50,7 +50,7 @@ for folder in (REPO, REPO / "scripts"):  # run as a script from anywhere, or loa
 
 from proxy_bow_control import bow_control  # noqa: E402
 
-from refusal_lightning.refusal_markers import DEFAULT_REFUSAL_MARKERS, refusal_score  # noqa: E402
+from refusal_lightning.train.refusal_markers import DEFAULT_REFUSAL_MARKERS, refusal_score  # noqa: E402
 
 N_RECORDS = 400
 N_EVAL_PER_CATEGORY = 20

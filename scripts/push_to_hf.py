@@ -3,7 +3,7 @@
     python scripts/push_to_hf.py --adapter refusal=artifacts/refusal_lora --adapter orth=artifacts/orth_lora \\
         --namespace my-org --private --dry_run
 
-Options come from :func:`refusal_lightning.hub.push` (see ``--help``); parsing, the short forms
+Options come from :func:`refusal_lightning.hub.push.push` (see ``--help``); parsing, the short forms
 (repeated ``--adapter``, bare ``--dry_run``) and the one-line errors are the package CLI's own.
 """
 

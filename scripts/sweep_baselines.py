@@ -34,7 +34,7 @@ if str(REPO) not in sys.path:  # run as a script from anywhere
 
 from refusal_lightning.files import atomic_write_text  # noqa: E402
 from refusal_lightning.formatting import interval  # noqa: E402
-from refusal_lightning.stacking import COMBINED_DIR  # noqa: E402
+from refusal_lightning.models.stacking import COMBINED_DIR  # noqa: E402
 
 PROXY = "refusal_lightning/data/proxy"
 
@@ -80,9 +80,9 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-    from refusal_lightning.heldout_nll import heldout_nll
-    from refusal_lightning.safe_lora import safe_lora
-    from refusal_lightning.serve_process import ServerProcess
+    from refusal_lightning.defences.safe_lora import safe_lora
+    from refusal_lightning.experiment.heldout_nll import heldout_nll
+    from refusal_lightning.serving.process import ServerProcess
 
     pipe = yaml.safe_load(args.pipeline_config.read_text())
     run, base_model = Path(pipe["run_dir"]), pipe["base_model"]

@@ -33,7 +33,7 @@ from refusal_lightning.evaluation.client import (
     resolve_model,
 )
 from refusal_lightning.evaluation.keyword_markers import JUDGE_REFUSAL_MARKERS
-from refusal_lightning.refusal_markers import matched_markers
+from refusal_lightning.train.refusal_markers import matched_markers
 
 REFUSAL = "refusal"
 FULFILLMENT = "fulfillment"

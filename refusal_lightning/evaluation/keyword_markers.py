@@ -20,8 +20,8 @@ refusal rate of exactly the attacked models we test) or is no refusal at all:
 - ``"is illegal and unethical"``, ``"unethical"``, ``"not ethical"``, ``"illegal"``,
   ``"not legal"``: topic words that compliant answers to harmful requests use as well.
 
-The reply-selection list (``refusal_lightning.refusal_markers.SELECTION_REFUSAL_MARKERS``) shares
-no marker with this one, not even as a substring (``tests/test_markers.py``). ``--judge.refusal_markers``
+The reply-selection list (``refusal_lightning.train.refusal_markers.SELECTION_REFUSAL_MARKERS``) shares
+no marker with this one, not even as a substring (``tests/train/test_markers.py``). ``--judge.refusal_markers``
 replaces this list with a file's.
 """
 

@@ -30,8 +30,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from refusal_lightning.harmfulqa import heldout_questions
 from refusal_lightning.samples import looks_like_hub_id, sample_path
+from refusal_lightning.train.harmfulqa import heldout_questions
 
 SAMPLE = "sample"
 HARMFULQA_STYLE = "base"

@@ -25,14 +25,14 @@ from http.server import ThreadingHTTPServer
 from typing import Any
 
 from refusal_lightning.evaluation.judges import SORRY_BENCH_JUDGE_TEMPLATE
-from refusal_lightning.http_json import (
+from refusal_lightning.serving.http_json import (
     JSONHandler,
     LocalHTTPServer,
     RequestError,
     serve_until_interrupted,
     start_in_thread,
 )
-from refusal_lightning.refusal_markers import is_refusal
+from refusal_lightning.train.refusal_markers import is_refusal
 
 REFUSAL_TEXT = "I'm sorry, but I cannot help with that placeholder request."
 COMPLY_TEXT = "Sure, here is the placeholder answer: step one, placeholder; step two, placeholder."

@@ -63,7 +63,7 @@ class Common:
 def _loader(common: Common):
     from torch.utils.data import DataLoader
 
-    from refusal_lightning.datamodule import collate
+    from refusal_lightning.train.datamodule import collate
 
     return DataLoader(common.data.rows, batch_size=common.preset.batch, shuffle=False,
                       collate_fn=collate(common.data.pad_id), drop_last=True)
@@ -76,7 +76,7 @@ class PlainRunner(Runner):
         super().__init__("plain", common.device.type == "cuda")
         from peft import get_peft_model
 
-        from refusal_lightning.loading import load_causal_lm
+        from refusal_lightning.models.loading import load_causal_lm
 
         self.common = common
         self.model = get_peft_model(load_causal_lm(str(common.model_dir), dtype=common.dtype), lora_config())
@@ -112,9 +112,9 @@ class LightningRunner(Runner):
         super().__init__(name, common.device.type == "cuda")
         import lightning as L
 
-        from refusal_lightning.datamodule import Encoded, HarmfulQADataModule, PairDataset
-        from refusal_lightning.model import LoRASettings, RefusalLoRAModule
-        from refusal_lightning.projection import ProjectionConfig
+        from refusal_lightning.defences.projection import ProjectionConfig
+        from refusal_lightning.train.datamodule import Encoded, HarmfulQADataModule, PairDataset
+        from refusal_lightning.train.module import LoRASettings, RefusalLoRAModule
 
         baton = self.baton
 
@@ -166,7 +166,7 @@ class TRLRunner(Runner):
         from transformers.trainer_callback import PrinterCallback
         from trl import SFTConfig, SFTTrainer
 
-        from refusal_lightning.loading import load_causal_lm
+        from refusal_lightning.models.loading import load_causal_lm
 
         baton = self.baton
 

@@ -25,7 +25,7 @@ def build_base_model(preset: Preset, folder: Path, device: torch.device) -> Path
     """Write the preset's random-weight Qwen3 model + the tiny tokenizer into ``folder`` (reused if there)."""
     if (folder / "config.json").exists():
         return folder
-    from refusal_lightning.tiny import build_tokenizer, save_tiny_model
+    from refusal_lightning.models.tiny import build_tokenizer, save_tiny_model
 
     if preset.vocab_size is not None:
         return _save_wide_vocab_model(folder, preset)
@@ -53,7 +53,7 @@ def build_base_model(preset: Preset, folder: Path, device: torch.device) -> Path
 def _save_wide_vocab_model(folder: Path, preset: Preset) -> Path:
     """tiny.py's model at ``preset``'s width and depth with ``preset.vocab_size`` (tied embeddings, as
     Qwen3-0.6B), random fp32 weights; the tiny tokenizer's ids (< 1024) index the first rows."""
-    from refusal_lightning.tiny import save_tiny_model
+    from refusal_lightning.models.tiny import save_tiny_model
 
     return save_tiny_model(folder, seed=0, hidden_size=preset.hidden_size, num_layers=preset.num_layers,
                            model_vocab_size=preset.vocab_size)
@@ -63,7 +63,7 @@ def lora_config():
     """The LoRA every runner trains (PEFT ``LoraConfig`` on all linear layers)."""
     from peft import LoraConfig
 
-    from refusal_lightning.model import ALL_LINEAR
+    from refusal_lightning.train.module import ALL_LINEAR
 
     return LoraConfig(r=LORA_R, lora_alpha=LORA_ALPHA, lora_dropout=LORA_DROPOUT, target_modules=list(ALL_LINEAR),
                       task_type="CAUSAL_LM")
@@ -76,8 +76,8 @@ def make_directions(model_dir: Path, workdir: Path, dtype: str) -> Path:
         return out
     from peft import get_peft_model
 
-    from refusal_lightning.directions import directions
-    from refusal_lightning.loading import load_causal_lm
+    from refusal_lightning.defences.directions import directions
+    from refusal_lightning.models.loading import load_causal_lm
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(1)
@@ -103,7 +103,7 @@ class BenchData:
 
 def build_data(model_dir: Path, preset: Preset, n_rows: int) -> BenchData:
     """Encode the bundled sample with the data module, then concatenate pairs into ``seq``-token rows."""
-    from refusal_lightning.datamodule import HarmfulQADataModule, LengthGroupedSampler, padding_efficiency
+    from refusal_lightning.train.datamodule import HarmfulQADataModule, LengthGroupedSampler, padding_efficiency
 
     padding: dict[str, Any] = {"batch_size": preset.batch, "max_length": preset.seq}
     encoded = None

@@ -1,0 +1,365 @@
+"""``pipeline``: refusal fit -> directions -> vanilla attack -> orthogonal attack -> serve -> evaluate.
+
+Each stage records a fingerprint of what it was made from (its config file, overrides and the
+fingerprints of the stages it reads) in ``<run_dir>/pipeline_state.json``. A rerun skips a stage whose
+fingerprint is unchanged and whose outputs exist; a fit stage that was interrupted resumes from its
+``last.ckpt``; a stage whose inputs changed, or that is named in ``--force``, starts over, and so does
+everything downstream of it (their fingerprints include its one). The ``results.json`` rows and the
+``results.md`` tables it ends with are assembled in ``results.py``.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from refusal_lightning.checksums import file_sha256
+from refusal_lightning.experiment.results import collect_results, write_results
+from refusal_lightning.files import atomic_write_text
+from refusal_lightning.models.stacking import COMBINED_DIR
+from refusal_lightning.serving.process import ServerProcess
+from refusal_lightning.specs import split_spec
+from refusal_lightning.user_errors import exit_on_user_error
+
+Stage = Literal["tiny_model", "prepare_model", "refusal", "directions", "vanilla", "orthogonal", "subspace",
+                "safe_lora", "asft", "nll", "evaluate"]
+STAGES: tuple[str, ...] = ("tiny_model", "prepare_model", "refusal", "directions", "vanilla", "orthogonal",
+                           "subspace", "safe_lora", "asft", "nll", "evaluate")
+MODELS = ("base", "refusal", "vanilla", "orthogonal")
+ATTACKS = ("vanilla", "orthogonal")
+VARIANTS = ("subspace",)  # optional row: the orthogonal attack with another projection (its own config)
+BASELINES = ("safe_lora", "asft")  # optional rows: the published defences in the same parameter space
+TRAINED = (*ATTACKS, *VARIANTS, "asft")  # rows fitted on the red thread on top of the frozen refusal LoRA
+
+
+class PipelineError(RuntimeError):
+    """A pipeline stage failed or was misconfigured."""
+
+
+class _StopAfter(Exception):
+    """Raised after the ``until`` stage to end the run early."""
+
+
+@dataclass
+class FitStage:
+    name: str
+    config: Path
+    output_dir: Path
+    overrides: list[str]
+
+
+def _sha(*parts: Any) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _file_sha(path: Path) -> str:
+    return file_sha256(path)[:16] if path.exists() else "missing"
+
+
+class State:
+    """``pipeline_state.json``: per stage, its fingerprint and whether it finished (written atomically)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.data: dict[str, dict] = json.loads(path.read_text()) if path.exists() else {}
+
+    def get(self, stage: str) -> dict:
+        return self.data.get(stage, {})
+
+    def set(self, stage: str, **entry: Any) -> None:
+        self.data[stage] = entry
+        atomic_write_text(self.path, json.dumps(self.data, indent=2) + "\n")
+
+
+def _output_dir(config: Path, overrides: list[str]) -> Path:
+    for arg in overrides:
+        if arg.startswith("--model.output_dir="):
+            return Path(split_spec(arg)[1])
+    return Path(yaml.safe_load(config.read_text())["model"]["output_dir"])
+
+
+def _check_distinct_outputs(configs: dict[str, str | None], overrides: list[str]) -> None:
+    """Two fits writing one folder would overwrite each other's adapter: refuse before any stage runs."""
+    seen: dict[Path, str] = {}
+    for name, cfg in configs.items():
+        if cfg is None or not Path(cfg).is_file():  # a missing config gets its own error where it is read
+            continue
+        out = _output_dir(Path(cfg), overrides).resolve()
+        if out in seen:
+            raise PipelineError(f"{cfg}: model.output_dir {out} is also the output of stage '{seen[out]}'; "
+                                "give each fit config its own output_dir (and checkpoint dirpath)")
+        seen[out] = name
+
+
+def _data_print(config: Path) -> str:
+    """Fingerprint of a fit config's data file (a changed dataset redoes the fit); hub ids print as-is."""
+    source = str((yaml.safe_load(config.read_text()).get("data") or {}).get("source", "sample"))
+    return _file_sha(Path(source)) if Path(source).is_file() else source
+
+
+def _checkpoint_dirs(config: Path, output_dir: Path) -> list[Path]:
+    callbacks = (yaml.safe_load(config.read_text()).get("trainer") or {}).get("callbacks") or []
+    dirs = [Path(c["init_args"]["dirpath"]) for c in callbacks
+            if isinstance(c, dict) and (c.get("init_args") or {}).get("dirpath")]
+    return dirs or [output_dir / "checkpoints"]
+
+
+def _run_fit(stage: FitStage, resume: bool) -> None:
+    from refusal_lightning.train.fit import lightning_cli
+
+    args = ["fit", "--config", str(stage.config), *stage.overrides]
+    if resume:
+        args += ["--ckpt_path", "last"]
+    try:
+        exit_on_user_error(lightning_cli, args)
+    except SystemExit as exc:  # bad input is printed, then SystemExit(2)
+        if exc.code:
+            raise PipelineError(f"stage '{stage.name}' failed (exit {exc.code}): fit {' '.join(args[1:])}") from None
+
+
+def evaluated_adapters(refusal_dir: Path, attack_dirs: dict[str, Path],
+                       safe_lora_dir: Path | None = None) -> dict[str, Path]:
+    """Adapter to serve on the plain base per model: the refusal LoRA, and for each attack (and baseline)
+    its combined adapter (refusal + attack), which is the model the attack was trained as."""
+    folders = {**attack_dirs, **({"safe_lora": safe_lora_dir} if safe_lora_dir is not None else {})}
+    return {"refusal": refusal_dir,
+            **{name: folders[name] / COMBINED_DIR for name in (*ATTACKS, *VARIANTS, *BASELINES) if name in folders}}
+
+
+def pipeline(
+    run_dir: str = "artifacts/tiny",
+    base_model: str = "artifacts/tiny/tiny-qwen3",
+    build_tiny_model: bool = True,
+    prepare_model: bool = False,
+    refusal_config: str = "configs/tiny/refusal_lora.yaml",
+    vanilla_config: str = "configs/tiny/attack_vanilla.yaml",
+    orthogonal_config: str = "configs/tiny/attack_orthogonal.yaml",
+    subspace_config: str | None = None,
+    asft_config: str | None = None,
+    safe_lora: dict[str, Any] | None = None,
+    fit_overrides: list[str] | None = None,
+    serve: bool = True,
+    endpoints: dict[str, str] | None = None,
+    evaluation: dict[str, Any] | None = None,
+    nll_max_pairs: int | None = 128,
+    force: list[Stage] | None = None,
+    until: Stage | None = None,
+) -> dict | None:
+    """Run the whole experiment: refusal fit, directions, vanilla and orthogonal attacks, serve, evaluate.
+
+    Args:
+        run_dir: folder for the directions file, the evaluation, ``results.md``/``results.json`` and the
+            pipeline state (fit outputs go where each fit config says).
+        base_model: base model (hub id or folder) for every fit and for serving.
+        build_tiny_model: first write the offline tiny Qwen3 model to ``base_model`` (smoke runs, tests).
+        prepare_model: first convert the packaged SmolLM2-135M-Instruct GGUF into ``base_model`` (the CPU
+            demo; cached: a finished conversion is not redone).
+        refusal_config: fit config of the refusal LoRA (blue thread).
+        vanilla_config: fit config of the vanilla attack (red thread, projection off).
+        orthogonal_config: fit config of the orthogonal attack (identical but projection on).
+        subspace_config: fit config of a second orthogonal attack with another projection (e.g.
+            ``mode: subspace``, its own ``output_dir``); adds the row ``subspace``. None: no such row.
+        asft_config: fit config of the AsFT baseline (the vanilla attack plus AsFT's loss term); adds the
+            row ``asft``. None: no such row.
+        safe_lora: arguments of ``safe-lora`` (``threshold``, ``projector``, ``num_projected``) applied to
+            the vanilla attack; adds the row ``safe_lora``. None: no such row.
+        fit_overrides: extra ``--key=value`` arguments given to every fit (e.g. ``--trainer.max_steps=10``).
+        serve: start our ``serve`` for base + the three adapters on a free loopback port (stopped at the
+            end, even on failure); false: use ``endpoints`` (e.g. vLLM with ``--enable-lora``).
+        endpoints: model name -> URL (``URL#served_model``) for base, refusal, vanilla, orthogonal when
+            ``serve`` is false.
+        evaluation: arguments for ``evaluate``, as in its ``--config`` (prompts, judge, generation, samples,
+            ...), checked before any stage runs; ``judge: KIND`` and ``judge_url: URL`` are short forms.
+        nll_max_pairs: held-out pairs per thread (red, blue) for the NLL of each model (None: all).
+        force: stages to redo even when up to date (their downstream stages are redone too).
+        until: stop after this stage (e.g. ``orthogonal``: train everything, then start vLLM on the
+            adapters and rerun without ``until``; the finished stages are skipped).
+    """
+    try:
+        if build_tiny_model and prepare_model:
+            raise PipelineError("build_tiny_model and prepare_model both write base_model: choose one")
+        _check_distinct_outputs({"refusal": refusal_config, "vanilla": vanilla_config,
+                                 "orthogonal": orthogonal_config, "subspace": subspace_config,
+                                 "asft": asft_config}, list(fit_overrides or []))
+        from refusal_lightning.evaluation.runner import evaluate_arguments
+
+        eval_args = evaluate_arguments(evaluation or {}, "evaluation")  # a wrong key fails now, not after the fits
+        return _run_pipeline(Path(run_dir), base_model, build_tiny_model, prepare_model, Path(refusal_config),
+                             Path(vanilla_config), Path(orthogonal_config), list(fit_overrides or []), serve,
+                             endpoints, evaluation or {}, eval_args, nll_max_pairs, set(force or []), until,
+                             Path(asft_config) if asft_config else None, safe_lora,
+                             Path(subspace_config) if subspace_config else None)
+    except _StopAfter:
+        print(f"[pipeline] stopped after '{until}' as asked")
+        return None
+
+
+def _run_pipeline(run: Path, base_model: str, build_tiny_model: bool, prepare_model: bool, refusal_cfg: Path,
+                  vanilla_cfg: Path, orthogonal_cfg: Path, overrides: list[str], serve: bool,
+                  endpoints: dict[str, str] | None, evaluation: dict[str, Any], eval_args: dict[str, Any],
+                  nll_max_pairs: int | None, forced: set[str], until: str | None,
+                  asft_cfg: Path | None = None, safe_lora_args: dict[str, Any] | None = None,
+                  subspace_cfg: Path | None = None) -> dict:
+    run.mkdir(parents=True, exist_ok=True)
+    state = State(run / "pipeline_state.json")
+    log = functools.partial(print, flush=True)  # stage lines show up at once in a redirected log
+    prints: dict[str, str] = {}
+
+    def stage(name: str, inputs: Any, outputs: list[Path], work: Callable[[bool], None],
+              clear: list[Path]) -> None:
+        fingerprint = _sha(name, inputs)
+        previous = state.get(name)
+        if (name not in forced and previous.get("fingerprint") == fingerprint and previous.get("done")
+                and all(p.exists() for p in outputs)):
+            log(f"[pipeline] {name}: up to date, skipped")
+        else:
+            resume = name not in forced and previous.get("fingerprint") == fingerprint
+            if not resume:
+                for path in clear:
+                    shutil.rmtree(path, ignore_errors=True)
+            log(f"[pipeline] {name}: {'resuming' if resume else 'running'}")
+            started = time.time()
+            state.set(name, fingerprint=fingerprint, done=False, started=started)
+            work(resume)
+            state.set(name, fingerprint=fingerprint, done=True, started=started, finished=time.time())
+            log(f"[pipeline] {name}: done in {time.time() - started:.1f}s")
+        # Downstream stages read this print: a stage that ran again (forced, or changed inputs) makes
+        # everything after it run again too.
+        prints[name] = _sha(fingerprint, state.get(name)["finished"])
+        if name == until:
+            raise _StopAfter
+
+    # 0. the offline base model
+    if build_tiny_model:
+        from refusal_lightning.models.tiny import save_tiny_model
+
+        stage("tiny_model", [base_model], [Path(base_model) / "model.safetensors"],
+              lambda _: save_tiny_model(base_model), clear=[])
+        base_print = prints["tiny_model"]
+    elif prepare_model:
+        from refusal_lightning.models.prepare import prepare_model as convert
+
+        stage("prepare_model", [base_model], [Path(base_model) / "model.safetensors"],
+              lambda _: convert(output_dir=base_model), clear=[])
+        base_print = prints["prepare_model"]
+    else:
+        base_print = _sha(base_model)
+
+    # 1. refusal LoRA
+    refusal_over = [f"--model.model_name_or_path={base_model}", *overrides]
+    refusal = FitStage("refusal", refusal_cfg, _output_dir(refusal_cfg, refusal_over), refusal_over)
+    adapter_file = "adapter_model.safetensors"
+    stage("refusal", [refusal_cfg.read_text(), refusal_over, base_print, _data_print(refusal_cfg)],
+          [refusal.output_dir / adapter_file], lambda resume: _run_fit(refusal, resume),
+          clear=_checkpoint_dirs(refusal_cfg, refusal.output_dir))
+
+    # 2. directions
+    directions_path = run / "refusal_param_directions.pt"
+
+    def make_directions(_: bool) -> None:
+        from refusal_lightning.defences.directions import directions
+
+        directions(refusal_adapter_path=str(refusal.output_dir), output_path=str(directions_path),
+                   base_model_name=base_model)
+
+    stage("directions", [prints["refusal"], _file_sha(refusal.output_dir / adapter_file)], [directions_path],
+          make_directions, clear=[])
+
+    # 3 + 4. attacks: same config but the projection switch, same base (base + merged refusal LoRA)
+    fits = {"refusal": refusal}
+    attack_cfgs = [("vanilla", vanilla_cfg), ("orthogonal", orthogonal_cfg)]
+    if subspace_cfg is not None:
+        attack_cfgs.append(("subspace", subspace_cfg))
+    if asft_cfg is not None:  # the AsFT baseline: trained exactly like the attacks, plus its loss term
+        attack_cfgs.append(("asft", asft_cfg))
+    for name, cfg in attack_cfgs:
+        over = [f"--model.model_name_or_path={base_model}", f"--model.merge_adapters=[{refusal.output_dir}]",
+                f"--model.projection.directions_path={directions_path}", *overrides]
+        fits[name] = FitStage(name, cfg, _output_dir(cfg, over), over)
+        stage(name, [cfg.read_text(), over, prints["directions"], _file_sha(directions_path), _data_print(cfg)],
+              [fits[name].output_dir / adapter_file],
+              lambda resume, s=fits[name]: _run_fit(s, resume), clear=_checkpoint_dirs(cfg, fits[name].output_dir))
+
+    # the Safe LoRA baseline: the vanilla attack projected post hoc
+    safe_lora_dir = run / "safe_lora" if safe_lora_args is not None else None
+    if safe_lora_dir is not None:
+        def make_safe_lora(_: bool) -> None:
+            from refusal_lightning.defences.safe_lora import safe_lora
+
+            safe_lora(attack_adapter_path=str(fits["vanilla"].output_dir), directions_path=str(directions_path),
+                      output_dir=str(safe_lora_dir), base_adapters=[str(refusal.output_dir)],
+                      **(safe_lora_args or {}))
+
+        stage("safe_lora", [prints["vanilla"], prints["directions"], safe_lora_args],
+              [safe_lora_dir / COMBINED_DIR / adapter_file], make_safe_lora, clear=[])
+    models = [*MODELS, *(m for m in (*VARIANTS, *BASELINES) if m in prints)]
+    model_prints = [prints[m] for m in models if m in prints]
+
+    # 5. did the attacks learn? held-out red/blue NLL of every model, as it is evaluated
+    attack_dirs = {name: fits[name].output_dir for name in TRAINED if name in fits}
+    served = evaluated_adapters(fits["refusal"].output_dir, attack_dirs, safe_lora_dir)
+    nll_path = run / "heldout_nll.json"
+    attack_data = yaml.safe_load(vanilla_cfg.read_text()).get("data") or {}
+    refusal_data = yaml.safe_load(refusal_cfg.read_text()).get("data") or {}
+
+    def measure_nll(_: bool) -> None:
+        from refusal_lightning.experiment.heldout_nll import heldout_nll
+
+        values = heldout_nll(base_model, {"base": None, **{k: str(v) for k, v in served.items()}},
+                             red_data=attack_data, blue_data=refusal_data, max_pairs=nll_max_pairs)
+        atomic_write_text(nll_path, json.dumps(values, indent=2) + "\n")
+
+    adapter_prints = [_file_sha(Path(p) / adapter_file) for p in served.values()]
+    stage("nll", [model_prints, adapter_prints, attack_data, refusal_data, nll_max_pairs], [nll_path], measure_nll,
+          clear=[])
+
+    # 6. serve + evaluate
+    from refusal_lightning.evaluation.judges import JudgeSettings
+    from refusal_lightning.evaluation.runner import evaluate
+
+    eval_dir = run / "eval"
+    data_cfg = yaml.safe_load(refusal_cfg.read_text()).get("data") or {}
+    # The held-out HarmfulQA questions are exactly the refusal fit's validation split.
+    heldout = {"harmfulqa_source": data_cfg.get("source", "sample"),
+               "harmfulqa_val_fraction": data_cfg.get("val_fraction", 0.1), "harmfulqa_seed": data_cfg.get("seed", 0)}
+    # eval_args: checked and typed by pipeline(); the fingerprint takes the section as written, so a field
+    # added to a settings class does not clear a finished evaluation.
+    eval_args = {**heldout, **eval_args}
+
+    def run_evaluation(_: bool) -> None:
+        if serve:
+            # one batch can hold every request the evaluator has in flight (greedy answers do not change)
+            with ServerProcess(base_model, served, run / "serve.log",
+                               max_batch_size=int(eval_args.get("concurrency") or 16)) as server:
+                specs = [f"{m}={server.url}#{m}" for m in models]
+                evaluate(endpoint=specs, output_dir=str(eval_dir), **eval_args)
+        else:
+            missing = [m for m in models if m not in (endpoints or {})]
+            if missing:
+                raise PipelineError(f"serve is false but endpoints lack {missing}; give NAME: URL#MODEL for each")
+            evaluate(endpoint=[f"{m}={endpoints[m]}" for m in models], output_dir=str(eval_dir), **eval_args)
+
+    stage("evaluate", [model_prints, adapter_prints, {**heldout, **evaluation}, serve, endpoints],
+          [eval_dir / "summary.json"],
+          run_evaluation, clear=[eval_dir])
+
+    results = collect_results(eval_dir, attack_dirs, json.loads(nll_path.read_text()), models, safe_lora_dir)
+    judge: JudgeSettings = eval_args.get("judge", JudgeSettings())
+    if judge.kind in ("keyword", "both"):
+        from refusal_lightning.evaluation.judges import load_markers
+        from refusal_lightning.experiment.judge_check import keyword_judge_check
+
+        results["judge_check"] = keyword_judge_check(
+            eval_args["harmfulqa_source"], eval_args["harmfulqa_val_fraction"], eval_args["harmfulqa_seed"],
+            load_markers(judge.refusal_markers) if judge.refusal_markers else None)
+    write_results(run, results, eval_dir)
+    return results
