@@ -73,3 +73,17 @@ def test_replace_dir_keeps_the_old_folder_when_the_swap_fails(tmp_path):
     with pytest.raises(FileNotFoundError):
         replace_dir(tmp_path / "never-written", dst)
     assert (dst / "weights.txt").read_text() == "old" and not (tmp_path / ".out.old").exists()
+
+
+def test_tree_sha256_changes_with_a_file_and_ignores_other_patterns(tmp_path):
+    from refusal_lightning.checksums import tree_sha256
+
+    (tmp_path / "pkg").mkdir()
+    (tmp_path / "pkg" / "a.py").write_text("x = 1\n")
+    first = tree_sha256(tmp_path)
+    (tmp_path / "pkg" / "notes.txt").write_text("not code")
+    assert tree_sha256(tmp_path) == first
+    (tmp_path / "pkg" / "a.py").write_text("x = 2\n")
+    assert tree_sha256(tmp_path) != first
+    (tmp_path / "pkg" / "a.py").rename(tmp_path / "pkg" / "b.py")  # same content, another module
+    assert tree_sha256(tmp_path) not in (first, tree_sha256(tmp_path / "pkg"))

@@ -1,11 +1,11 @@
 """``pipeline``: refusal fit -> directions -> vanilla attack -> orthogonal attack -> serve -> evaluate.
 
-Each stage records a fingerprint of what it was made from (its config file, overrides and the
-fingerprints of the stages it reads) in ``<run_dir>/pipeline_state.json``. A rerun skips a stage whose
-fingerprint is unchanged and whose outputs exist; a fit stage that was interrupted resumes from its
-``last.ckpt``; a stage whose inputs changed, or that is named in ``--force``, starts over, and so does
-everything downstream of it (their fingerprints include its one). The ``results.json`` rows and the
-``results.md`` tables it ends with are assembled in ``results.py``.
+Each stage records a fingerprint of what it was made from (its config file, overrides, a sha256 of the
+package's ``*.py`` files and the fingerprints of the stages it reads) in ``<run_dir>/pipeline_state.json``.
+A rerun skips a stage whose fingerprint is unchanged and whose outputs exist; a fit stage that was
+interrupted resumes from its ``last.ckpt``; a stage whose inputs changed, or that is named in ``--force``,
+starts over, and so does everything downstream of it (their fingerprints include its one). The
+``results.json`` rows and the ``results.md`` tables it ends with are assembled in ``results.py``.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from typing import Any, Literal
 
 import yaml
 
-from refusal_lightning.checksums import file_sha256
+from refusal_lightning.checksums import file_sha256, tree_sha256
 from refusal_lightning.experiment.results import collect_results, write_results
 from refusal_lightning.files import atomic_write_text
 from refusal_lightning.models.stacking import COMBINED_DIR
@@ -55,6 +55,9 @@ class FitStage:
     config: Path
     output_dir: Path
     overrides: list[str]
+
+
+PACKAGE_ROOT = Path(__file__).resolve().parents[1]
 
 
 def _sha(*parts: Any) -> str:
@@ -213,10 +216,11 @@ def _run_pipeline(run: Path, base_model: str, build_tiny_model: bool, prepare_mo
     state = State(run / "pipeline_state.json")
     log = functools.partial(print, flush=True)  # stage lines show up at once in a redirected log
     prints: dict[str, str] = {}
+    code = tree_sha256(PACKAGE_ROOT)[:16]  # a change to the package's code reruns every stage
 
     def stage(name: str, inputs: Any, outputs: list[Path], work: Callable[[bool], None],
               clear: list[Path]) -> None:
-        fingerprint = _sha(name, inputs)
+        fingerprint = _sha(name, code, inputs)
         previous = state.get(name)
         if (name not in forced and previous.get("fingerprint") == fingerprint and previous.get("done")
                 and all(p.exists() for p in outputs)):

@@ -170,3 +170,16 @@ def test_server_batches_as_many_requests_as_the_evaluator_sends():
     args = ServerProcess("base-dir", {"refusal": Path("r")}, Path("serve.log"), max_batch_size=128).args
     assert args[args.index("--max_batch_size") + 1] == "128"
     assert args[args.index("--adapter") + 1] == "refusal=r"
+
+
+def test_a_code_change_reruns_the_stages(demo_run, capsys, monkeypatch):
+    # last in this module: it leaves the run's stages fingerprinted with another code print
+    from refusal_lightning.experiment import pipeline as pipeline_module
+
+    tmp, path, _ = demo_run
+    main(["pipeline", "--config", str(path), "--until", "refusal"])
+    assert "[pipeline] refusal: up to date, skipped" in capsys.readouterr().out
+    monkeypatch.setattr(pipeline_module, "tree_sha256", lambda root: "another version of the code")
+    main(["pipeline", "--config", str(path), "--until", "refusal"])
+    out = capsys.readouterr().out
+    assert "[pipeline] tiny_model: running" in out and "[pipeline] refusal: running" in out
