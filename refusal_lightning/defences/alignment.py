@@ -17,6 +17,11 @@ its thin SVD ``V = U diag(S) Q^T``:
   ``V (V^T V)^-1 V^T``, with a pseudo-inverse because ``V`` has rank ``r``).
 
 Either way ``C = U diag(w) U^T`` is kept as ``(U, w)``: ``out x r`` and ``r`` numbers, never ``out x out``.
+
+Two controls ask whether a result needs the refusal update's directions at all (``alignment_basis``):
+``zero`` sets ``C = 0`` (AsFT's term becomes a plain L2 penalty on ``B A``), and ``random`` keeps the
+spectrum ``w`` but draws a random orthonormal basis ``Q`` (``C = Q diag(w) Q^T``): a defence whose effect
+survives either control is not acting through the refusal subspace.
 """
 
 from __future__ import annotations
@@ -29,6 +34,8 @@ from refusal_lightning.defences.lowrank import lowrank_inner, lowrank_svd
 
 AlignmentProjector = Literal["paper", "exact"]
 PROJECTORS: tuple[str, ...] = ("paper", "exact")
+AlignmentBasis = Literal["refusal", "random", "zero"]
+BASES: tuple[str, ...] = ("refusal", "random", "zero")
 # Singular values below this fraction of a module's largest carry no direction (rank-deficient dW_r):
 # QR makes their vectors arbitrary, so they get weight 0 (they would add a random direction to `exact`).
 RANK_TOL = 1e-6
@@ -58,6 +65,22 @@ def alignment_factors(A: torch.Tensor, B: torch.Tensor, scale: float, projector:
     else:
         w = keep.to(s.dtype)
     return u * keep.to(u.dtype), w
+
+
+def alignment_basis(U: torch.Tensor, w: torch.Tensor, basis: AlignmentBasis,
+                    generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(U, w)`` of a control of ``C = U diag(w) U^T``: ``refusal`` unchanged; ``zero`` is ``C = 0``;
+    ``random`` is ``Q diag(w) Q^T`` with ``Q`` (``out x m``) orthonormal and uniformly random (QR of a
+    Gaussian matrix with the signs of ``R``'s diagonal fixed), drawn from ``generator``."""
+    if basis not in BASES:
+        raise ValueError(f"unknown alignment basis '{basis}' (choose from {', '.join(BASES)})")
+    if basis == "zero":
+        return U, torch.zeros_like(w)
+    if basis == "random":
+        q, r = torch.linalg.qr(torch.randn(U.shape, generator=generator, dtype=torch.float64))
+        signs = torch.sign(torch.diagonal(r)).where(torch.diagonal(r) != 0, torch.ones(()))
+        return (q * signs).to(U.dtype), w
+    return U, w
 
 
 def apply_alignment(U: torch.Tensor, w: torch.Tensor, B: torch.Tensor) -> torch.Tensor:

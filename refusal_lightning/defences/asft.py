@@ -23,7 +23,15 @@ from typing import Any
 
 import torch
 
-from refusal_lightning.defences.alignment import PROJECTORS, AlignmentProjector, alignment_factors, residual_sq
+from refusal_lightning.defences.alignment import (
+    BASES,
+    PROJECTORS,
+    AlignmentBasis,
+    AlignmentProjector,
+    alignment_basis,
+    alignment_factors,
+    residual_sq,
+)
 from refusal_lightning.defences.directions import DirectionsError, check_attack, direction_key, listed_names
 from refusal_lightning.defences.projection import LoraTarget
 
@@ -44,6 +52,12 @@ class AsftConfig:
     projector: AlignmentProjector = "paper"
     """``paper``: ``C = V V^T / ||V||_F`` as in the authors' code; ``exact``: the orthogonal projector onto
     the column space of ``V`` (then the term is the squared norm of the part of ``B A`` outside it)."""
+    alignment_basis: AlignmentBasis = "refusal"
+    """A control of ``C``: ``refusal`` (AsFT); ``zero``: ``C = 0``, so the term is plain L2 on ``B A``;
+    ``random``: ``C``'s spectrum on a random orthonormal basis per module. Does AsFT need the refusal
+    directions, or would any penalty of this size do?"""
+    basis_seed: int = 0
+    """Seed of the ``random`` basis (modules draw in directions-file order)."""
 
 
 @dataclass(eq=False)
@@ -141,6 +155,8 @@ def build_asft_penalty(cfg: AsftConfig, model: torch.nn.Module, base_model_name:
         problems.append(f"asft.lam must be >= 0, got {cfg.lam}")
     if cfg.projector not in PROJECTORS:
         problems.append(f"unknown asft.projector '{cfg.projector}' (choose from {', '.join(PROJECTORS)})")
+    if cfg.alignment_basis not in BASES:
+        problems.append(f"unknown asft.alignment_basis '{cfg.alignment_basis}' (choose from {', '.join(BASES)})")
     obj, found, attack_problems = check_attack(
         path, model, base_model_name, base_adapters,
         mismatch=lambda meta: (f"model.merge_adapters does not hold the adapter the directions were computed from "
@@ -170,7 +186,12 @@ def build_asft_penalty(cfg: AsftConfig, model: torch.nn.Module, base_model_name:
                               + "\n  - ".join(problems))
     assert obj is not None
     modules = obj["modules"]
-    alignment = [alignment_factors(modules[t.name]["A"], modules[t.name]["B"], modules[t.name]["scale"], cfg.projector)
+    generator = torch.Generator().manual_seed(cfg.basis_seed)
+    alignment = [alignment_basis(*alignment_factors(modules[t.name]["A"], modules[t.name]["B"],
+                                                    modules[t.name]["scale"], cfg.projector),
+                                 cfg.alignment_basis, generator)
                  for t in covered]
-    meta = {"path": str(path), "adapter_path": obj["metadata"].get("adapter_path"), "projector": cfg.projector}
+    meta = {"path": str(path), "adapter_path": obj["metadata"].get("adapter_path"), "projector": cfg.projector,
+            "alignment_basis": cfg.alignment_basis,
+            **({"basis_seed": cfg.basis_seed} if cfg.alignment_basis == "random" else {})}
     return AsftPenalty(covered, alignment, cfg.lam, metadata=meta)

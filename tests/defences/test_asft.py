@@ -90,6 +90,35 @@ def test_gradient_flows_only_into_the_attack_lora(tiny_model_dir, refusal, tmp_p
         torch.testing.assert_close(grad.double(), want, rtol=1e-4, atol=1e-5 * float(want.abs().max()))
 
 
+def test_zero_basis_control_is_plain_l2_on_the_attack_update(tiny_model_dir, refusal, tmp_path):
+    from peft.tuners.lora import LoraLayer
+
+    module = attack_module(tiny_model_dir, refusal, tmp_path, alignment_basis="zero")
+    want = sum(torch.linalg.matrix_norm(m.lora_B["default"].weight.double() @ m.lora_A["default"].weight.double())
+               ** 2 for m in module.model.modules() if isinstance(m, LoraLayer) and "default" in m.lora_A)
+    with torch.no_grad():
+        torch.testing.assert_close(module.asft_penalty().double(), LAM * want, rtol=1e-5, atol=0)
+    assert module.asft_penalty.metadata["alignment_basis"] == "zero"
+
+
+def test_random_basis_control_keeps_the_spectrum_on_other_directions(tiny_model_dir, refusal, tmp_path):
+    def alignments(module):
+        return [(g.U.double(), g.w.double()) for g in module.asft_penalty._groups]
+
+    real = alignments(attack_module(tiny_model_dir, refusal, tmp_path, alignment_basis="refusal"))
+    rand = alignments(attack_module(tiny_model_dir, refusal, tmp_path, alignment_basis="random", basis_seed=5))
+    again = alignments(attack_module(tiny_model_dir, refusal, tmp_path, alignment_basis="random", basis_seed=5))
+    for (u, w), (q, v), (q2, _) in zip(real, rand, again, strict=True):
+        torch.testing.assert_close(v, w)  # the same eigenvalues of C
+        eye = torch.eye(q.shape[-1], dtype=q.dtype).expand(q.shape[0], -1, -1)
+        torch.testing.assert_close(q.mT @ q, eye, atol=1e-6, rtol=0)  # orthonormal columns
+        torch.testing.assert_close(q, q2)  # seeded
+        # the refusal directions are not kept: their overlap is what random k-frames in `out` dims give
+        assert float(torch.linalg.matrix_norm(u.mT @ q).max()) < 0.95 * float(torch.linalg.matrix_norm(eye).max())
+    with pytest.raises(DirectionsError, match="unknown asft.alignment_basis 'diagonal'"):
+        attack_module(tiny_model_dir, refusal, tmp_path, alignment_basis="diagonal")
+
+
 def test_fit_adds_and_logs_the_term(tiny_model_dir, refusal, tmp_path):
     from lightning.pytorch.loggers import CSVLogger
 
