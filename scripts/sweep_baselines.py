@@ -3,8 +3,9 @@
     python scripts/sweep_baselines.py            # after `make demo-baselines` (reuses its fits)
 
 Safe LoRA's ``threshold`` (post hoc on the vanilla attack: no training) and AsFT's ``lam`` (one attack fit
-per value, ``configs/cpu/attack_asft.yaml`` with only ``model.asft.lam`` and the output folders changed; the
-pipeline's own value reuses its fit). Every setting, with the refusal model and the vanilla attack as
+per value: the pipeline's asft arm, ``<run_dir>/arms/asft.yaml`` plus its overrides, with only
+``model.asft.lam`` and the output folders changed; the pipeline's own value reuses its fit). Every setting,
+with the refusal model and the vanilla attack as
 references, is served and asked the validation split of the proxy data (a third invented world: objects and
 places in neither training nor the evaluated sets; ``refusal_lightning/data/proxy/validation_*.jsonl``):
 refusal of its harmful-proxy prompts and of their benign twins (over-refusal). The cost side is the held-out
@@ -43,15 +44,18 @@ def _fmt(value: float) -> str:
     return f"{value:g}".replace(".", "p")
 
 
-def fit_asft(lam: float, base_cfg: Path, base_model: str, refusal_dir: Path, directions: Path, out: Path,
-             overrides: list[str]) -> Path:
-    """The pipeline's AsFT fit with ``lam`` changed, into ``out`` (with the pipeline's ``fit_overrides``);
-    the adapter folder."""
-    cfg = yaml.safe_load(base_cfg.read_text())
-    if float(cfg["model"]["asft"]["lam"]) == lam and (Path(cfg["model"]["output_dir"]) / COMBINED_DIR).exists():
+def fit_asft(lam: float, arm_cfg: Path, arm_overrides: list[str], base_model: str, refusal_dir: Path,
+             directions: Path, out: Path, overrides: list[str]) -> Path:
+    """The pipeline's AsFT arm with ``lam`` changed, into ``out`` (with the pipeline's ``fit_overrides``);
+    the adapter folder. ``arm_cfg`` is the arm's resolved config the pipeline wrote (``<run_dir>/arms/asft.yaml``)."""
+    from refusal_lightning.defences.asft import AsftConfig
+
+    cfg = yaml.safe_load(arm_cfg.read_text())
+    given = [o.split("=", 1)[1] for o in arm_overrides if o.startswith("--model.asft.lam=")]
+    own_lam = float(given[-1] if given else (cfg["model"].get("asft") or {}).get("lam", AsftConfig().lam))
+    if own_lam == lam and (Path(cfg["model"]["output_dir"]) / COMBINED_DIR).exists():
         return Path(cfg["model"]["output_dir"])  # the pipeline's own fit
     out.mkdir(parents=True, exist_ok=True)
-    cfg["model"]["asft"]["lam"] = lam
     cfg["model"]["output_dir"] = str(out)
     cfg["model"]["model_name_or_path"] = base_model
     cfg["model"]["merge_adapters"] = [str(refusal_dir)]
@@ -65,8 +69,8 @@ def fit_asft(lam: float, base_cfg: Path, base_model: str, refusal_dir: Path, dir
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
     resume = ["--ckpt_path", "last"] if (out / "checkpoints" / "last.ckpt").exists() else []
     print(f"[sweep] fit asft lam={lam} -> {out}", flush=True)
-    subprocess.run([sys.executable, "-m", "refusal_lightning", "fit", "--config", str(path), *overrides, *resume],
-                   check=True)
+    subprocess.run([sys.executable, "-m", "refusal_lightning", "fit", "--config", str(path), *arm_overrides,
+                    f"--model.asft.lam={lam}", *overrides, *resume], check=True)
     return out
 
 
@@ -87,7 +91,10 @@ def main(argv: list[str] | None = None) -> None:
     pipe = yaml.safe_load(args.pipeline_config.read_text())
     run, base_model = Path(pipe["run_dir"]), pipe["base_model"]
     refusal_cfg = yaml.safe_load(Path(pipe["refusal_config"]).read_text())
-    vanilla_cfg = yaml.safe_load(Path(pipe["vanilla_config"]).read_text())
+    # each arm's resolved config, as the pipeline wrote it (for the per-row keys of before too)
+    vanilla_cfg = yaml.safe_load((run / "arms" / "vanilla.yaml").read_text()) if (run / "arms").is_dir() else None
+    if vanilla_cfg is None:
+        raise SystemExit(f"error: run `make demo-baselines` first; missing: {run / 'arms'}")
     refusal_dir, vanilla_dir = Path(refusal_cfg["model"]["output_dir"]), Path(vanilla_cfg["model"]["output_dir"])
     directions = run / "refusal_param_directions.pt"
     missing = [str(p) for p in (refusal_dir, vanilla_dir / COMBINED_DIR, directions) if not p.exists()]
@@ -109,8 +116,9 @@ def main(argv: list[str] | None = None) -> None:
                           "delta_norm_kept": report["delta_norm_kept"]}
     for lam in args.lams:
         name = f"asft_lam{_fmt(lam)}"
-        folder = fit_asft(lam, Path(pipe["asft_config"]), base_model, refusal_dir, directions, out / name,
-                          list(pipe.get("fit_overrides") or []))
+        folder = fit_asft(lam, run / "arms" / "asft.yaml", list(((pipe.get("arms") or {}).get("asft") or {})
+                                                                .get("overrides") or []),
+                          base_model, refusal_dir, directions, out / name, list(pipe.get("fit_overrides") or []))
         models[name] = folder / COMBINED_DIR
         settings[name] = {"defence": "asft", "lam": lam, "adapter": str(folder)}
 

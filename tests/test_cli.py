@@ -45,25 +45,25 @@ def test_every_fit_yaml_parses(config, capsys, monkeypatch):
     assert resolved["data"]["thread"] in ("blue", "red") and resolved["trainer"]["callbacks"]
 
 
-@pytest.mark.parametrize("folder", ["configs", "configs/tiny", "configs/cpu"])
-def test_attack_configs_differ_only_in_projection_switch_and_names(folder):
-    def flat(d, prefix=""):
-        items = d.items() if isinstance(d, dict) else enumerate(d) if isinstance(d, list) else None
-        if items is None:
-            return {prefix: d}
-        return {k: v for key, val in items for k, v in flat(val, f"{prefix}.{key}" if prefix else str(key)).items()}
-
-    vanilla = flat(yaml.safe_load((REPO / folder / "attack_vanilla.yaml").read_text()))
-    ortho = flat(yaml.safe_load((REPO / folder / "attack_orthogonal.yaml").read_text()))
-    assert vanilla.keys() == ortho.keys()
-    differing = {k for k in vanilla if vanilla[k] != ortho[k]}
-    names = {"model.output_dir", "trainer.logger.init_args.name", "trainer.callbacks.0.init_args.dirpath"}
-    assert differing == {"model.projection.enabled"} | names
-    assert vanilla["model.projection.enabled"] is False and ortho["model.projection.enabled"] is True
-    assert vanilla["model.projection.directions_path"]  # the vanilla run is monitored on the same scale
-    refusal = flat(yaml.safe_load((REPO / folder / "refusal_lora.yaml").read_text()))
-    for key in ("model.lora.r", "model.lora.alpha", "model.model_name_or_path"):
-        assert refusal[key] == vanilla[key], key
+@pytest.mark.parametrize("config", ["configs/tiny/pipeline.yaml", "configs/cpu/pipeline.yaml",
+                                    "configs/cpu/pipeline_baselines.yaml"])
+def test_arms_are_the_shared_attack_plus_a_few_overrides(config):
+    pipe = yaml.safe_load((REPO / config).read_text())
+    arms = pipe["arms"]
+    assert arms["vanilla"] in ({}, None)  # no defence: the shared attack as configured
+    assert arms["orthogonal"]["overrides"] == ["--model.projection.enabled=true"]
+    for name, arm in arms.items():
+        assert "config" not in (arm or {}), f"{name} should use the shared attack_config"
+        assert len((arm or {}).get("overrides", [])) <= 3, name
+        assert (arm or {}).get("of", "vanilla") == "vanilla", name  # post-hoc defences act on the vanilla attack
+    attack = yaml.safe_load((REPO / pipe["attack_config"]).read_text())
+    assert attack["model"]["projection"]["enabled"] is False and attack["model"]["projection"]["directions_path"]
+    assert "{arm}" in attack["model"]["output_dir"]  # every arm writes its own folder
+    assert "{arm}" in attack["trainer"]["callbacks"][0]["init_args"]["dirpath"]
+    refusal = yaml.safe_load((REPO / pipe["refusal_config"]).read_text())
+    for key in ("r", "alpha"):
+        assert refusal["model"]["lora"][key] == attack["model"]["lora"][key], key
+    assert refusal["model"]["model_name_or_path"] == attack["model"]["model_name_or_path"]
 
 
 def _one_error_line(capsys) -> str:
@@ -146,15 +146,46 @@ def test_every_pipeline_yaml_parses(config, capsys, monkeypatch):
 
 def test_pipeline_refuses_two_fits_with_one_output_dir_before_any_stage(capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # nothing may be written here
+    fixed = tmp_path / "attack_fixed.yaml"  # a shared config without {arm}: every arm would write one folder
+    fixed.write_text((REPO / "configs/tiny/attack.yaml").read_text().replace("{arm}", "vanilla"))
     code = _exit_code(["pipeline", "--config", str(REPO / "configs/tiny/pipeline.yaml"),
                        "--refusal_config", str(REPO / "configs/tiny/refusal_lora.yaml"),
-                       "--vanilla_config", str(REPO / "configs/tiny/attack_vanilla.yaml"),
-                       "--orthogonal_config", str(REPO / "configs/tiny/attack_orthogonal.yaml"),
-                       "--subspace_config", str(REPO / "configs/tiny/attack_orthogonal.yaml")])
+                       "--attack_config", str(fixed)])
     assert code == 2
     line = _one_error_line(capsys)
-    assert "attack_orthogonal" in line and "also the output of stage 'orthogonal'" in line
+    assert "attack_vanilla of 'orthogonal' is also the output of stage 'vanilla'" in line and "{arm}" in line
+    assert [p.name for p in tmp_path.iterdir()] == ["attack_fixed.yaml"]
+
+
+def test_pipeline_lists_every_problem_of_its_arms_before_any_stage(capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    arms = ('{"orthogonal": {"overrides": "--model.projection.enabled=true"}, "base": {}, '
+            '"safe": {"transform": "safer_lora", "of": "ortho"}, "extra": {"confg": "x.yaml"}}')
+    code = _exit_code(["pipeline", "--config", str(REPO / "configs/tiny/pipeline.yaml"), "--arms", arms])
+    assert code == 2
+    err = capsys.readouterr().err
+    for needle in ("arms.orthogonal.overrides: expected a list", "arms.base: an arm's name",
+                   "arms.safe.transform: unknown transform 'safer_lora' (known: safe_lora)",
+                   "arms.safe.of: 'ortho' is not a fit arm", "arms.extra: unknown key(s) confg",
+                   "a fit arm named 'vanilla'"):
+        assert needle in err, err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_pipeline_refuses_arms_together_with_the_per_row_keys_of_before(capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    code = _exit_code(["pipeline", "--config", str(REPO / "configs/tiny/pipeline.yaml"),
+                       "--vanilla_config", str(REPO / "configs/tiny/attack.yaml")])
+    assert code == 2 and "keep arms only" in _one_error_line(capsys)
+
+
+def test_per_row_keys_of_before_become_arms_in_table_order():
+    from refusal_lightning.experiment.arms import legacy_arms, parse_arms
+
+    arms = parse_arms(legacy_arms("v.yaml", "o.yaml", "s.yaml", "a.yaml", {"threshold": 0.5}), None)
+    assert [a.name for a in arms] == ["vanilla", "orthogonal", "subspace", "safe_lora", "asft"]
+    assert str(arms[0].config) == "v.yaml" and arms[0].overrides == ()
+    assert (arms[3].transform, arms[3].of, dict(arms[3].args)) == ("safe_lora", "vanilla", {"threshold": 0.5})
 
 
 def test_pipeline_refuses_a_wrong_evaluation_key_before_any_stage(capsys, tmp_path, monkeypatch):
@@ -235,7 +266,7 @@ def fresh_copy(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("config,needles", [
-    ("configs/tiny/attack_orthogonal.yaml",
+    ("configs/tiny/attack.yaml",
      ["adapter 'artifacts/tiny/refusal_lora' does not exist yet (run `python -m refusal_lightning fit --config "
       "configs/tiny/refusal_lora.yaml`); then directions file 'artifacts/tiny/refusal_param_directions.pt' does "
       "not exist yet (run `python -m refusal_lightning directions --refusal_adapter_path artifacts/tiny/refusal_lora"]),
@@ -280,10 +311,25 @@ def test_use_distributed_sampler_defaults_false_and_true_is_refused(capsys, monk
     assert "trainer.use_distributed_sampler must be false" in _one_error_line(capsys)
 
 
-def _readme_yaml_blocks() -> list[str]:
+def _readme_yaml_blocks(pipeline: bool = False) -> list[str]:
+    """The README's YAML snippets: fit config pieces, or (``pipeline``) pipeline config pieces (with ``arms:``)."""
     text = (REPO / "README.md").read_text()
     blocks = re.findall(r"^( *)```yaml\n(.*?)^\1```", text, flags=re.S | re.M)
-    return [re.sub(rf"^{indent}", "", body, flags=re.M) for indent, body in blocks]
+    bodies = [re.sub(rf"^{indent}", "", body, flags=re.M) for indent, body in blocks]
+    return [b for b in bodies if ("arms" in (yaml.safe_load(b) or {})) == pipeline]
+
+
+def test_readme_arms_snippet_parses_and_its_overrides_are_fit_flags(capsys, monkeypatch):
+    from refusal_lightning.experiment.arms import parse_arms
+
+    monkeypatch.chdir(REPO)
+    (block,) = _readme_yaml_blocks(pipeline=True)
+    pipe = yaml.safe_load(block)
+    arms = parse_arms(pipe["arms"], pipe["attack_config"])
+    assert [a.name for a in arms][:2] == ["vanilla", "orthogonal"] and not arms[-1].is_fit
+    flags = [o for a in arms for o in a.overrides]
+    assert _exit_code(["fit", "--config", pipe["attack_config"], *flags, "--print_config"]) == 0
+    capsys.readouterr()
 
 
 def test_readme_has_the_ddp_and_fsdp_snippets():

@@ -18,11 +18,19 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import yaml
 
 from refusal_lightning.checksums import file_sha256, tree_sha256
+from refusal_lightning.experiment.arms import (
+    TRANSFORMS,
+    Arm,
+    ArmsError,
+    legacy_arms,
+    parse_arms,
+    resolved_config,
+)
 from refusal_lightning.experiment.results import collect_results, write_results
 from refusal_lightning.files import atomic_write_text
 from refusal_lightning.models.stacking import COMBINED_DIR
@@ -30,15 +38,9 @@ from refusal_lightning.serving.process import ServerProcess
 from refusal_lightning.specs import split_spec
 from refusal_lightning.user_errors import exit_on_user_error
 
-Stage = Literal["tiny_model", "prepare_model", "refusal", "directions", "vanilla", "orthogonal", "subspace",
-                "safe_lora", "asft", "nll", "evaluate"]
-STAGES: tuple[str, ...] = ("tiny_model", "prepare_model", "refusal", "directions", "vanilla", "orthogonal",
-                           "subspace", "safe_lora", "asft", "nll", "evaluate")
-MODELS = ("base", "refusal", "vanilla", "orthogonal")
-ATTACKS = ("vanilla", "orthogonal")
-VARIANTS = ("subspace",)  # optional row: the orthogonal attack with another projection (its own config)
-BASELINES = ("safe_lora", "asft")  # optional rows: the published defences in the same parameter space
-TRAINED = (*ATTACKS, *VARIANTS, "asft")  # rows fitted on the red thread on top of the frozen refusal LoRA
+# stages besides the arms' own (each arm is a stage named after it, between directions and nll)
+FIXED_STAGES: tuple[str, ...] = ("tiny_model", "prepare_model", "refusal", "directions", "nll", "evaluate")
+DEFAULT_ARMS = {"vanilla": {}, "orthogonal": {"overrides": ["--model.projection.enabled=true"]}}
 
 
 class PipelineError(RuntimeError):
@@ -83,23 +85,26 @@ class State:
         atomic_write_text(self.path, json.dumps(self.data, indent=2) + "\n")
 
 
-def _output_dir(config: Path, overrides: list[str]) -> Path:
+def _output_dir(config: Path | str, overrides: list[str]) -> Path:
+    """A fit's ``model.output_dir``: from ``--model.output_dir=`` in ``overrides``, else from the config (a
+    path, or its text)."""
     for arg in overrides:
         if arg.startswith("--model.output_dir="):
             return Path(split_spec(arg)[1])
-    return Path(yaml.safe_load(config.read_text())["model"]["output_dir"])
+    text = config.read_text() if isinstance(config, Path) else config
+    return Path(yaml.safe_load(text)["model"]["output_dir"])
 
 
-def _check_distinct_outputs(configs: dict[str, str | None], overrides: list[str]) -> None:
-    """Two fits writing one folder would overwrite each other's adapter: refuse before any stage runs."""
+def _check_distinct_outputs(configs: dict[str, tuple[str, list[str]]]) -> None:
+    """Two fits writing one folder would overwrite each other's adapter: refuse before any stage runs.
+    ``configs``: per fit, its config text and its overrides."""
     seen: dict[Path, str] = {}
-    for name, cfg in configs.items():
-        if cfg is None or not Path(cfg).is_file():  # a missing config gets its own error where it is read
-            continue
-        out = _output_dir(Path(cfg), overrides).resolve()
+    for name, (text, overrides) in configs.items():
+        out = _output_dir(text, overrides).resolve()
         if out in seen:
-            raise PipelineError(f"{cfg}: model.output_dir {out} is also the output of stage '{seen[out]}'; "
-                                "give each fit config its own output_dir (and checkpoint dirpath)")
+            raise PipelineError(f"model.output_dir {out} of '{name}' is also the output of stage '{seen[out]}'; "
+                                "give each fit its own output_dir (and checkpoint dirpath), e.g. with {arm} in "
+                                "the shared attack config")
         seen[out] = name
 
 
@@ -129,13 +134,10 @@ def _run_fit(stage: FitStage, resume: bool) -> None:
             raise PipelineError(f"stage '{stage.name}' failed (exit {exc.code}): fit {' '.join(args[1:])}") from None
 
 
-def evaluated_adapters(refusal_dir: Path, attack_dirs: dict[str, Path],
-                       safe_lora_dir: Path | None = None) -> dict[str, Path]:
-    """Adapter to serve on the plain base per model: the refusal LoRA, and for each attack (and baseline)
-    its combined adapter (refusal + attack), which is the model the attack was trained as."""
-    folders = {**attack_dirs, **({"safe_lora": safe_lora_dir} if safe_lora_dir is not None else {})}
-    return {"refusal": refusal_dir,
-            **{name: folders[name] / COMBINED_DIR for name in (*ATTACKS, *VARIANTS, *BASELINES) if name in folders}}
+def evaluated_adapters(refusal_dir: Path, arm_dirs: dict[str, Path]) -> dict[str, Path]:
+    """Adapter to serve on the plain base per model: the refusal LoRA, and for each arm its combined adapter
+    (refusal + attack, or refusal + transformed attack), which is the model the attack was trained as."""
+    return {"refusal": refusal_dir, **{name: folder / COMBINED_DIR for name, folder in arm_dirs.items()}}
 
 
 def pipeline(
@@ -144,8 +146,10 @@ def pipeline(
     build_tiny_model: bool = True,
     prepare_model: bool = False,
     refusal_config: str = "configs/tiny/refusal_lora.yaml",
-    vanilla_config: str = "configs/tiny/attack_vanilla.yaml",
-    orthogonal_config: str = "configs/tiny/attack_orthogonal.yaml",
+    attack_config: str | None = "configs/tiny/attack.yaml",
+    arms: dict[str, Any] | None = None,
+    vanilla_config: str | None = None,
+    orthogonal_config: str | None = None,
     subspace_config: str | None = None,
     asft_config: str | None = None,
     safe_lora: dict[str, Any] | None = None,
@@ -154,64 +158,97 @@ def pipeline(
     endpoints: dict[str, str] | None = None,
     evaluation: dict[str, Any] | None = None,
     nll_max_pairs: int | None = 128,
-    force: list[Stage] | None = None,
-    until: Stage | None = None,
+    force: list[str] | None = None,
+    until: str | None = None,
 ) -> dict | None:
-    """Run the whole experiment: refusal fit, directions, vanilla and orthogonal attacks, serve, evaluate.
+    """Run the whole experiment: refusal fit, directions, the arms (attacks and defences), serve, evaluate.
 
     Args:
-        run_dir: folder for the directions file, the evaluation, ``results.md``/``results.json`` and the
-            pipeline state (fit outputs go where each fit config says).
+        run_dir: folder for the directions file, the arms' resolved configs (``arms/``), the evaluation,
+            ``results.md``/``results.json`` and the pipeline state (fit outputs go where each config says).
         base_model: base model (hub id or folder) for every fit and for serving.
         build_tiny_model: first write the offline tiny Qwen3 model to ``base_model`` (smoke runs, tests).
         prepare_model: first convert the packaged SmolLM2-135M-Instruct GGUF into ``base_model`` (the CPU
             demo; cached: a finished conversion is not redone).
         refusal_config: fit config of the refusal LoRA (blue thread).
-        vanilla_config: fit config of the vanilla attack (red thread, projection off).
-        orthogonal_config: fit config of the orthogonal attack (identical but projection on).
-        subspace_config: fit config of a second orthogonal attack with another projection (e.g.
-            ``mode: subspace``, its own ``output_dir``); adds the row ``subspace``. None: no such row.
-        asft_config: fit config of the AsFT baseline (the vanilla attack plus AsFT's loss term); adds the
-            row ``asft``. None: no such row.
-        safe_lora: arguments of ``safe-lora`` (``threshold``, ``projector``, ``num_projected``) applied to
-            the vanilla attack; adds the row ``safe_lora``. None: no such row.
+        attack_config: the fit config every fit arm shares (red thread, on base + frozen refusal LoRA);
+            ``{arm}`` in it (output folders, logger name) becomes the arm's name.
+        arms: the rows after base and refusal, in table order: ``NAME: {overrides: [--key=value, ...]}`` (a
+            fit of ``attack_config`` plus those overrides; ``config:`` gives an arm its own file) or
+            ``NAME: {transform: safe_lora, of: ARM, args: {...}}`` (a post-hoc transform of a fit arm's
+            adapter). A fit arm named ``vanilla`` (no defence) is required. Default: vanilla and orthogonal.
+        vanilla_config: deprecated (use ``arms``): the vanilla attack's own config.
+        orthogonal_config: deprecated (use ``arms``): the orthogonal attack's own config.
+        subspace_config: deprecated (use ``arms``): the row ``subspace``'s own config.
+        asft_config: deprecated (use ``arms``): the row ``asft``'s own config.
+        safe_lora: deprecated (use ``arms``): ``safe-lora`` arguments for the row ``safe_lora`` (of vanilla).
         fit_overrides: extra ``--key=value`` arguments given to every fit (e.g. ``--trainer.max_steps=10``).
-        serve: start our ``serve`` for base + the three adapters on a free loopback port (stopped at the
+        serve: start our ``serve`` for base + every model's adapter on a free loopback port (stopped at the
             end, even on failure); false: use ``endpoints`` (e.g. vLLM with ``--enable-lora``).
-        endpoints: model name -> URL (``URL#served_model``) for base, refusal, vanilla, orthogonal when
-            ``serve`` is false.
+        endpoints: model name -> URL (``URL#served_model``) for base, refusal and every arm when ``serve``
+            is false.
         evaluation: arguments for ``evaluate``, as in its ``--config`` (prompts, judge, generation, samples,
             ...), checked before any stage runs; ``judge: KIND`` and ``judge_url: URL`` are short forms.
         nll_max_pairs: held-out pairs per thread (red, blue) for the NLL of each model (None: all).
-        force: stages to redo even when up to date (their downstream stages are redone too).
+        force: stages to redo even when up to date (their downstream stages are redone too): ``refusal``,
+            ``directions``, an arm's name, ``nll``, ``evaluate``, ...
         until: stop after this stage (e.g. ``orthogonal``: train everything, then start vLLM on the
             adapters and rerun without ``until``; the finished stages are skipped).
     """
     try:
         if build_tiny_model and prepare_model:
             raise PipelineError("build_tiny_model and prepare_model both write base_model: choose one")
-        _check_distinct_outputs({"refusal": refusal_config, "vanilla": vanilla_config,
-                                 "orthogonal": orthogonal_config, "subspace": subspace_config,
-                                 "asft": asft_config}, list(fit_overrides or []))
+        old = legacy_arms(vanilla_config, orthogonal_config, subspace_config, asft_config, safe_lora)
+        if old and arms:
+            raise PipelineError("the config declares both arms and the per-row keys of before (vanilla_config, "
+                                "orthogonal_config, subspace_config, asft_config, safe_lora): keep arms only")
+        if old:
+            print("[pipeline] vanilla_config/orthogonal_config/... are deprecated: declare the rows as arms "
+                  "(README, 'The pipeline's arms')", flush=True)
+        declared = parse_arms(old or arms or DEFAULT_ARMS, None if old else attack_config)
+        stages = (*FIXED_STAGES, *(arm.name for arm in declared))
+        unknown = [s for s in [*(force or []), *([until] if until else [])] if s not in stages]
+        if unknown:
+            raise PipelineError(f"unknown stage(s) {', '.join(unknown)} in force/until; stages: {', '.join(stages)}")
         from refusal_lightning.evaluation.runner import evaluate_arguments
 
         eval_args = evaluate_arguments(evaluation or {}, "evaluation")  # a wrong key fails now, not after the fits
         return _run_pipeline(Path(run_dir), base_model, build_tiny_model, prepare_model, Path(refusal_config),
-                             Path(vanilla_config), Path(orthogonal_config), list(fit_overrides or []), serve,
-                             endpoints, evaluation or {}, eval_args, nll_max_pairs, set(force or []), until,
-                             Path(asft_config) if asft_config else None, safe_lora,
-                             Path(subspace_config) if subspace_config else None)
+                             declared, list(fit_overrides or []), serve, endpoints, evaluation or {}, eval_args,
+                             nll_max_pairs, set(force or []), until)
+    except ArmsError as exc:
+        raise PipelineError(str(exc)) from None
     except _StopAfter:
         print(f"[pipeline] stopped after '{until}' as asked")
         return None
 
 
+def _arm_configs(run: Path, arms: list[Arm], refusal_cfg: Path, overrides: list[str]) -> dict[str, Path]:
+    """Each fit arm's resolved config (``{arm}`` filled in), written to ``<run>/arms/<arm>.yaml`` once every
+    fit is known to write its own folder (nothing is written for a config that cannot run)."""
+    if not refusal_cfg.is_file():
+        raise PipelineError(f"refusal_config {refusal_cfg} does not exist")
+    texts = {}
+    for arm in arms:
+        if arm.is_fit:
+            if arm.config is None or not arm.config.is_file():
+                raise PipelineError(f"arms.{arm.name}: config {arm.config} does not exist")
+            texts[arm.name] = resolved_config(arm)
+    _check_distinct_outputs({"refusal": (refusal_cfg.read_text(), overrides),
+                             **{a.name: (texts[a.name], [*a.overrides, *overrides]) for a in arms if a.is_fit}})
+    paths = {name: run / "arms" / f"{name}.yaml" for name in texts}
+    for name, text in texts.items():
+        if not paths[name].is_file() or paths[name].read_text() != text:
+            paths[name].parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(paths[name], text)
+    return paths
+
+
 def _run_pipeline(run: Path, base_model: str, build_tiny_model: bool, prepare_model: bool, refusal_cfg: Path,
-                  vanilla_cfg: Path, orthogonal_cfg: Path, overrides: list[str], serve: bool,
+                  arms: list[Arm], overrides: list[str], serve: bool,
                   endpoints: dict[str, str] | None, evaluation: dict[str, Any], eval_args: dict[str, Any],
-                  nll_max_pairs: int | None, forced: set[str], until: str | None,
-                  asft_cfg: Path | None = None, safe_lora_args: dict[str, Any] | None = None,
-                  subspace_cfg: Path | None = None) -> dict:
+                  nll_max_pairs: int | None, forced: set[str], until: str | None) -> dict:
+    arm_cfgs = _arm_configs(run, arms, refusal_cfg, overrides)
     run.mkdir(parents=True, exist_ok=True)
     state = State(run / "pipeline_state.json")
     log = functools.partial(print, flush=True)  # stage lines show up at once in a redirected log
@@ -278,41 +315,40 @@ def _run_pipeline(run: Path, base_model: str, build_tiny_model: bool, prepare_mo
     stage("directions", [prints["refusal"], _file_sha(refusal.output_dir / adapter_file)], [directions_path],
           make_directions, clear=[])
 
-    # 3 + 4. attacks: same config but the projection switch, same base (base + merged refusal LoRA)
+    # 3. the arms: fits on base + frozen refusal LoRA (shared config + overrides), then post-hoc transforms
     fits = {"refusal": refusal}
-    attack_cfgs = [("vanilla", vanilla_cfg), ("orthogonal", orthogonal_cfg)]
-    if subspace_cfg is not None:
-        attack_cfgs.append(("subspace", subspace_cfg))
-    if asft_cfg is not None:  # the AsFT baseline: trained exactly like the attacks, plus its loss term
-        attack_cfgs.append(("asft", asft_cfg))
-    for name, cfg in attack_cfgs:
+    arm_dirs: dict[str, Path] = {}
+    for arm in (a for a in arms if a.is_fit):
+        cfg = arm_cfgs[arm.name]
         over = [f"--model.model_name_or_path={base_model}", f"--model.merge_adapters=[{refusal.output_dir}]",
-                f"--model.projection.directions_path={directions_path}", *overrides]
-        fits[name] = FitStage(name, cfg, _output_dir(cfg, over), over)
-        stage(name, [cfg.read_text(), over, prints["directions"], _file_sha(directions_path), _data_print(cfg)],
-              [fits[name].output_dir / adapter_file],
-              lambda resume, s=fits[name]: _run_fit(s, resume), clear=_checkpoint_dirs(cfg, fits[name].output_dir))
+                f"--model.projection.directions_path={directions_path}", *arm.overrides, *overrides]
+        fits[arm.name] = FitStage(arm.name, cfg, _output_dir(cfg, over), over)
+        arm_dirs[arm.name] = fits[arm.name].output_dir
+        stage(arm.name, [cfg.read_text(), over, prints["directions"], _file_sha(directions_path), _data_print(cfg)],
+              [fits[arm.name].output_dir / adapter_file],
+              lambda resume, s=fits[arm.name]: _run_fit(s, resume),
+              clear=_checkpoint_dirs(cfg, fits[arm.name].output_dir))
+    for arm in (a for a in arms if not a.is_fit):
+        arm_dirs[arm.name] = run / arm.name
 
-    # the Safe LoRA baseline: the vanilla attack projected post hoc
-    safe_lora_dir = run / "safe_lora" if safe_lora_args is not None else None
-    if safe_lora_dir is not None:
-        def make_safe_lora(_: bool) -> None:
-            from refusal_lightning.defences.safe_lora import safe_lora
+        def transform(_: bool, arm: Arm = arm) -> None:
+            import importlib
 
-            safe_lora(attack_adapter_path=str(fits["vanilla"].output_dir), directions_path=str(directions_path),
-                      output_dir=str(safe_lora_dir), base_adapters=[str(refusal.output_dir)],
-                      **(safe_lora_args or {}))
+            module, function = TRANSFORMS[arm.transform].function.split(":")
+            getattr(importlib.import_module(module), function)(
+                attack_adapter_path=str(fits[arm.of].output_dir), directions_path=str(directions_path),
+                output_dir=str(arm_dirs[arm.name]), base_adapters=[str(refusal.output_dir)], **arm.args)
 
-        stage("safe_lora", [prints["vanilla"], prints["directions"], safe_lora_args],
-              [safe_lora_dir / COMBINED_DIR / adapter_file], make_safe_lora, clear=[])
-    models = [*MODELS, *(m for m in (*VARIANTS, *BASELINES) if m in prints)]
+        stage(arm.name, [arm.transform, prints[arm.of], prints["directions"], dict(arm.args)],
+              [arm_dirs[arm.name] / COMBINED_DIR / adapter_file], transform, clear=[])
+    arm_dirs = {arm.name: arm_dirs[arm.name] for arm in arms}  # table order
+    models = ["base", "refusal", *arm_dirs]
     model_prints = [prints[m] for m in models if m in prints]
 
     # 5. did the attacks learn? held-out red/blue NLL of every model, as it is evaluated
-    attack_dirs = {name: fits[name].output_dir for name in TRAINED if name in fits}
-    served = evaluated_adapters(fits["refusal"].output_dir, attack_dirs, safe_lora_dir)
+    served = evaluated_adapters(fits["refusal"].output_dir, arm_dirs)
     nll_path = run / "heldout_nll.json"
-    attack_data = yaml.safe_load(vanilla_cfg.read_text()).get("data") or {}
+    attack_data = yaml.safe_load(arm_cfgs["vanilla"].read_text()).get("data") or {}
     refusal_data = yaml.safe_load(refusal_cfg.read_text()).get("data") or {}
 
     def measure_nll(_: bool) -> None:
@@ -356,7 +392,10 @@ def _run_pipeline(run: Path, base_model: str, build_tiny_model: bool, prepare_mo
           [eval_dir / "summary.json"],
           run_evaluation, clear=[eval_dir])
 
-    results = collect_results(eval_dir, attack_dirs, json.loads(nll_path.read_text()), models, safe_lora_dir)
+    reports = {arm.name: (arm.transform, arm_dirs[arm.name] / TRANSFORMS[arm.transform].report,
+                          TRANSFORMS[arm.transform].report_keys) for arm in arms if not arm.is_fit}
+    results = collect_results(eval_dir, {a: d for a, d in arm_dirs.items() if a not in reports},
+                              json.loads(nll_path.read_text()), models, reports)
     judge: JudgeSettings = eval_args.get("judge", JudgeSettings())
     if judge.kind in ("keyword", "both"):
         from refusal_lightning.evaluation.judges import load_markers

@@ -8,7 +8,7 @@ the refusal direction beside its chance level; the McNemar tests per prompt set 
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -37,16 +37,17 @@ def _read_json(path: Path) -> dict:
 
 
 def collect_results(eval_dir: Path, attack_dirs: Mapping[str, Path], nll: dict[str, dict], models: list[str],
-                    safe_lora_dir: Path | None = None) -> dict:
+                    reports: Mapping[str, tuple[str, Path, Sequence[str]]] | None = None) -> dict:
     """The ``results.json`` record: per model its prompt-set rates, NLL and drift; McNemar and errors.
 
     Args:
         eval_dir: the evaluation's output folder (its ``summary.json`` gives rates and McNemar tests).
-        attack_dirs: output folder of each trained attack fit (``vanilla`` always; ``orthogonal``,
-            ``subspace``, ``asft`` when run), whose ``projection_stats.json`` gives its drift and the chance level.
+        attack_dirs: output folder of each fit arm (``vanilla`` always), whose ``projection_stats.json`` gives
+            its drift and the chance level.
         nll: held-out NLL per model (``heldout_nll.json``).
         models: the rows, in table order.
-        safe_lora_dir: the Safe LoRA stage's folder when that row is present (its ``safe_lora.json``).
+        reports: per post-hoc arm, ``(transform, its report file, the report's keys for the row)``; the row
+            gets them under the transform's name (``safe_lora``), and the report's drift.
     """
     summary = json.loads((eval_dir / "summary.json").read_text())
     chance = _read_json(attack_dirs["vanilla"] / "projection_stats.json").get("drift/cos_chance")
@@ -59,11 +60,11 @@ def collect_results(eval_dir: Path, attack_dirs: Mapping[str, Path], nll: dict[s
         if name in attack_dirs:
             stats = _read_json(attack_dirs[name] / "projection_stats.json")
             row["drift"] = {"cos": stats.get("drift/cos"), "cos_chance": stats.get("drift/cos_chance")}
-        elif name == "safe_lora" and safe_lora_dir is not None:  # same shapes as vanilla: same chance level
-            report = _read_json(safe_lora_dir / "safe_lora.json")
+        elif name in (reports or {}):  # a transform of a fit arm: same shapes as vanilla, same chance level
+            transform, path, keys = reports[name]
+            report = _read_json(path)
             row["drift"] = {"cos": (report.get("drift") or {}).get("cos"), "cos_chance": chance}
-            row["safe_lora"] = {k: report.get(k) for k in ("share_projected", "delta_norm_kept", "threshold",
-                                                            "projector")}
+            row[transform] = {k: report.get(k) for k in keys}
         rows[name] = row
     return {"models": rows, "eval_dir": str(eval_dir), "mcnemar": summary.get("mcnemar", {}),
             "errors": summary.get("errors")}

@@ -148,19 +148,13 @@ def test_bad_directions_fail_before_any_step(tiny_model_dir, refusal, tmp_path):
         attack_module(tiny_model_dir, refusal, tmp_path, directions_path=None)
 
 
-def test_cpu_asft_config_is_the_vanilla_attack_plus_asft():
-    def flat(d, prefix=""):
-        if isinstance(d, dict):
-            return {k: v for key, val in d.items() for k, v in flat(val, f"{prefix}.{key}" if prefix else key).items()}
-        if isinstance(d, list):
-            return {k: v for i, val in enumerate(d) for k, v in flat(val, f"{prefix}.{i}").items()}
-        return {prefix: d}
-
-    vanilla = flat(yaml.safe_load((REPO / "configs/cpu/attack_vanilla.yaml").read_text()))
-    asft = flat(yaml.safe_load((REPO / "configs/cpu/attack_asft.yaml").read_text()))
-    names = {"model.output_dir", "trainer.logger.init_args.name", "trainer.callbacks.0.init_args.dirpath"}
-    assert {k for k in vanilla if vanilla[k] != asft.get(k)} == names
-    assert {k for k in asft if k not in vanilla} == {f"model.asft.{k}" for k in
-                                                      ("enabled", "lam", "directions_path", "projector")}
-    assert asft["model.asft.enabled"] is True and asft["model.asft.lam"] == 1.0
-    assert asft["model.projection.enabled"] is False and asft["model.projection.directions_path"]
+def test_cpu_asft_arm_is_the_vanilla_attack_plus_asft_with_the_papers_settings():
+    pipe = yaml.safe_load((REPO / "configs/cpu/pipeline_baselines.yaml").read_text())
+    assert pipe["arms"]["vanilla"] in ({}, None)
+    assert pipe["arms"]["asft"] == {"overrides": ["--model.asft.enabled=true"]}  # nothing else differs
+    attack = yaml.safe_load((REPO / pipe["attack_config"]).read_text())
+    assert "asft" not in attack["model"]  # the defaults below are what the arm trains with
+    defaults = AsftConfig()
+    assert (defaults.lam, defaults.projector, defaults.directions_path) == (1.0, "paper", None)
+    assert defaults.alignment_basis == "refusal"
+    assert attack["model"]["projection"]["enabled"] is False and attack["model"]["projection"]["directions_path"]

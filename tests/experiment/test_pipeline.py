@@ -17,18 +17,19 @@ from refusal_lightning.cli import main
 def demo_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("pipeline")
     config = yaml.safe_load((REPO / "configs/tiny/pipeline.yaml").read_text())
-    for key in ("refusal_config", "vanilla_config", "orthogonal_config"):
+    for key in ("refusal_config", "attack_config"):
         config[key] = str(REPO / config[key])
-    # the subspace variant and the two published baselines as extra rows (as configs/cpu/pipeline_baselines.yaml)
-    config["subspace_config"] = str(REPO / "configs/tiny/attack_subspace.yaml")
-    config["asft_config"] = str(REPO / "configs/tiny/attack_asft.yaml")
-    config["safe_lora"] = {"threshold": 0.5, "projector": "paper"}
+    # the subspace variant and the two published baselines as extra arms (as configs/cpu/pipeline_baselines.yaml)
+    config["arms"].update({
+        "subspace": {"overrides": ["--model.projection.enabled=true", "--model.projection.mode=subspace"]},
+        "safe_lora": {"transform": "safe_lora", "of": "vanilla", "args": {"threshold": 0.5, "projector": "paper"}},
+        "asft": {"overrides": ["--model.asft.enabled=true"]}})
     config["fit_overrides"] = ["--trainer.max_steps=6", "--trainer.val_check_interval=3",
                                "--trainer.enable_progress_bar=false"]
     config["evaluation"]["limit"] = 6
     config["evaluation"]["generation"]["max_tokens"] = 8
     path = tmp / "pipeline.yaml"
-    path.write_text(yaml.safe_dump(config))
+    path.write_text(yaml.safe_dump(config, sort_keys=False))  # the arms' order is the table's
     mp = pytest.MonkeyPatch()
     mp.chdir(tmp)
     main(["pipeline", "--config", str(path)])

@@ -79,9 +79,10 @@ def refusal(work, tiny_model_dir) -> tuple[Path, Path]:
 def _attack(work: Path, model_dir: Path, refusal: tuple[Path, Path], name: str, *extra: str):
     adapter, dirs = refusal
     (work / name).mkdir(exist_ok=True)
-    config = write_fit_config(work, model_dir, name, base="configs/tiny/attack_orthogonal.yaml", ckpt_every=2,
+    config = write_fit_config(work, model_dir, name, base="configs/tiny/attack.yaml", ckpt_every=2,
                               trainer=TRAINER, data={"batch_size": BATCH},
-                              model={"merge_adapters": [str(adapter)], "projection": {"directions_path": str(dirs)}})
+                              model={"merge_adapters": [str(adapter)],  # the orthogonal arm
+                                     "projection": {"directions_path": str(dirs), "enabled": True}})
     return run_module("fit", "--config", str(config), "--trainer.callbacks+=ddp_callbacks.Record",
                       f"--trainer.callbacks.out={work / name}", *extra, env=_env(work), timeout=600)
 
@@ -96,7 +97,7 @@ def straight(work, tiny_model_dir, refusal) -> Path:
 def test_every_training_row_is_used_once_per_epoch_across_ranks(straight, tiny_model_dir):
     from refusal_lightning.train.datamodule import HarmfulQADataModule
 
-    data = yaml.safe_load((REPO / "configs/tiny/attack_orthogonal.yaml").read_text())["data"]
+    data = yaml.safe_load((REPO / "configs/tiny/attack.yaml").read_text())["data"]
     module = HarmfulQADataModule(**{**data, "batch_size": BATCH}, tokenizer_name_or_path=str(tiny_model_dir))
     module.setup("fit")
     rows = Counter(tuple(e.input_ids) for e in module.train_set.examples)
