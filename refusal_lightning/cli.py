@@ -26,6 +26,7 @@ Other commands (`COMMAND --help`):
   evaluate   SORRY-Bench-style evaluation over OpenAI-compatible endpoints
   push       upload adapter dirs (with model cards) to the Hugging Face Hub
   pipeline   refusal fit -> directions -> two attacks -> serve -> evaluate, from one config
+  preflight  check the real run before it spends GPU time: Hub access, data, vLLM commands, memory
 """
 
 
@@ -39,6 +40,7 @@ COMMAND_TARGETS = {
     "evaluate": "refusal_lightning.evaluation.runner:evaluate",
     "push": "refusal_lightning.hub.push:push",
     "pipeline": "refusal_lightning.experiment.pipeline:pipeline",
+    "preflight": "refusal_lightning.experiment.preflight:preflight",
 }
 
 

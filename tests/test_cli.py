@@ -210,7 +210,7 @@ def test_evaluate_judge_flags_of_the_design_are_its_nested_keys(judge, capsys):
                        "--retry.max_attempts", "2", "--print_config"]) == 0
     resolved = yaml.safe_load(capsys.readouterr().out)
     assert resolved["judge"] == {"kind": "both", "url": "http://j:1", "model": None,
-                                 "api_key_env": None, "refusal_markers": None}
+                                 "api_key_env": None, "refusal_markers": None, "request": "completion"}
     assert resolved["generation"]["temperature"] == 0 and resolved["retry"]["max_attempts"] == 2
 
 

@@ -1,4 +1,5 @@
-"""A small client for OpenAI-compatible ``/v1/chat/completions`` endpoints (our ``serve``, vLLM, ...).
+"""A small client for OpenAI-compatible ``/v1/chat/completions`` and ``/v1/completions`` endpoints (our
+``serve``, vLLM, ...).
 
 Why not the ``openai`` package: we need per-item control of retries (which errors, how often, how
 long), an auth failure that stops an endpoint at once, and the attempt count recorded per item;
@@ -360,18 +361,25 @@ class ChatClient:
     def chat(self, payload: dict[str, Any]) -> ChatResult:
         """POST ``/v1/chat/completions``; errors come back in the result, except ``AuthError`` and
         ``EndpointError`` which are raised because no other request to this endpoint can succeed."""
+        return self._generate("/chat/completions", payload, lambda choice: choice["message"].get("content"))
 
+    def complete(self, payload: dict[str, Any]) -> ChatResult:
+        """POST ``/v1/completions`` (a raw prompt, no chat template: how SORRY-Bench's judge is prompted);
+        errors as in ``chat``."""
+        return self._generate("/completions", payload, lambda choice: choice["text"])
+
+    def _generate(self, path: str, payload: dict[str, Any], text_of: Callable[[dict], Any]) -> ChatResult:
         def parse(body: Any) -> tuple[str, str | None, dict | None, str | None]:
             choice = body["choices"][0]
-            content = choice["message"].get("content")
+            content = text_of(choice)
             if content is not None and not isinstance(content, str):
-                raise TypeError(f"message.content is {type(content).__name__}")
+                raise TypeError(f"the reply's text is {type(content).__name__}")
             usage = body.get("usage") if isinstance(body.get("usage"), dict) else None
             # content None happens (e.g. a reasoning parser that got only thinking): an empty answer.
             return content or "", choice.get("finish_reason"), usage, body.get("model")
 
         start = time.perf_counter()
-        outcome = self._call("POST", "/chat/completions", payload, parse)
+        outcome = self._call("POST", path, payload, parse)
         latency = time.perf_counter() - start
         if outcome.error is not None:
             return ChatResult(error=outcome.error, attempts=outcome.attempts, latency_s=latency)

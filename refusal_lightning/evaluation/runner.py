@@ -26,7 +26,7 @@ from typing import Any
 
 from refusal_lightning.evaluation.client import GenerationSettings, RetryPolicy, parse_endpoints, redact_url
 from refusal_lightning.evaluation.collect import EvalRun
-from refusal_lightning.evaluation.judges import JudgeSettings
+from refusal_lightning.evaluation.judges import JudgeSettings, unjudgeable_styles_problem
 from refusal_lightning.evaluation.metrics import failure_detail, item_outcomes, judge_section, summarize
 from refusal_lightning.evaluation.prompts import PromptSet, load_prompts
 from refusal_lightning.evaluation.report import endpoint_table, write_reports
@@ -125,6 +125,9 @@ def evaluate(
     problems: list[str] = []
     endpoints = parse_endpoints(endpoint, model_name, problems)
     problems += judge.problems()
+    style_problem = unjudgeable_styles_problem(styles or [])
+    if style_problem:
+        problems.append(f"--styles: {style_problem}")
     problems += [msg for ok, msg in ((concurrency >= 1, "--concurrency must be >= 1"),
                                      (samples >= 1, "--samples must be >= 1")) if not ok]
     problems += generation.problems() + retry.problems()
@@ -135,6 +138,9 @@ def evaluate(
 
     prompt_set: PromptSet = load_prompts(prompts, harmfulqa_source, harmfulqa_val_fraction, harmfulqa_seed,
                                          categories, styles, limit, benign_prompts)
+    style_problem = unjudgeable_styles_problem([p.style for p in prompt_set.prompts])
+    if style_problem:  # styles not asked for by name, but present in the source (all of them by default)
+        raise EvaluateConfigError(f"evaluate: {prompts}: {style_problem}")
     if not prompt_set.prompts:
         raise EvaluateConfigError(f"evaluate: no prompts left to evaluate (sources: {prompt_set.sources}, "
                                   f"skipped: {prompt_set.skipped_summary()})")

@@ -2,7 +2,8 @@
 
 It answers ``/v1/chat/completions`` without a model: whether a reply refuses depends only on a hash of
 (model, prompt, seed), so two runs over the same prompts get the same answers and comparable
-summaries. It also plays the SORRY-Bench judge: a judge prompt is answered ``0`` if the quoted
+summaries. It also plays the SORRY-Bench judge, on ``/v1/completions`` (the official literal
+``[INST] ... [/INST]`` prompt, unwrapped here) or on chat: a judge prompt is answered ``0`` if the quoted
 response contains a refusal marker, else ``1``.
 
 Used by the evaluator's tests (fault injection: 500, 429 with ``Retry-After``, slow replies past the
@@ -42,6 +43,7 @@ THINK_PREFIX = "<think>\nI cannot decide yet; placeholder reasoning.\n</think>\n
 FAULTS = ("500", "429", "slow", "drop", "malformed", "401", "400")
 _JUDGE_HEAD = SORRY_BENCH_JUDGE_TEMPLATE.split("\n", 1)[0]
 _JUDGE_ANSWER = re.compile(r'Model Response: "(.*)"\s*$', re.DOTALL)
+_INST = re.compile(r"^\[INST\] (.*) \[/INST\]$", re.DOTALL)
 
 
 @dataclass
@@ -135,8 +137,14 @@ def _handler(config: StubConfig, log: StubLog) -> type[JSONHandler]:
                 self.send_error_json(err)
                 return
             model = str(body.get("model"))
-            messages = body.get("messages") or [{}]
-            prompt = str(messages[-1].get("content", ""))
+            # by the body, like the chat route, which answers any POST path (tests send odd URLs on purpose)
+            completion = "prompt" in body and "messages" not in body
+            if completion:  # the judge's raw prompt: its [INST] wrapping is the official format, not content
+                raw = str(body.get("prompt", ""))
+                prompt = _INST.match(raw).group(1) if _INST.match(raw) else raw
+            else:
+                messages = body.get("messages") or [{}]
+                prompt = str(messages[-1].get("content", ""))
             key = request_key(model, prompt, body.get("seed"))
             attempt = log.add({"path": self.path, "key": key, "t": time.monotonic(), "body": body})
             fault = config.fault(key, attempt) if config.fault else None
@@ -171,11 +179,12 @@ def _handler(config: StubConfig, log: StubLog) -> type[JSONHandler]:
                 if fault == "slow":
                     time.sleep(config.slow_s)
                 text = stub_reply(config, model, prompt, body.get("seed"))
+                choice = {"index": 0, "text": text} if completion else {
+                    "index": 0, "message": {"role": "assistant", "content": text}}
                 self.send_json(200, {
-                    "id": "chatcmpl-stub", "object": "chat.completion", "created": int(time.time()),
-                    "model": model,
-                    "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                                 "finish_reason": "stop"}],
+                    "id": "cmpl-stub", "object": "text_completion" if completion else "chat.completion",
+                    "created": int(time.time()), "model": model,
+                    "choices": [{**choice, "finish_reason": "stop"}],
                     "usage": {"prompt_tokens": len(prompt.split()), "completion_tokens": len(text.split()),
                               "total_tokens": len(prompt.split()) + len(text.split())},
                 })

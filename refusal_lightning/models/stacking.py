@@ -33,6 +33,9 @@ WEIGHTS_FILE = "adapter_model.safetensors"
 COMBINED_DIR = "combined"
 SOURCES_FILE = "combined_from.json"
 _KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<factor>[AB])\.weight$")
+# vLLM's accepted ``--max-lora-rank`` values (``MaxLoRARanks`` in vllm/config/lora.py, v0.11-v0.14): any
+# other value is refused at startup, and an adapter of a higher rank than the flag is refused when loaded.
+VLLM_MAX_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 # Settings that change what an adapter computes beyond s * B @ A: combining them would be wrong.
 _UNSUPPORTED = {"use_dora": False, "modules_to_save": None, "fan_in_fan_out": False}
 
@@ -54,6 +57,20 @@ def adapter_scale(config: Mapping[str, Any], module: str) -> float:
     r = pattern_value(config.get("rank_pattern") or {}, module, config["r"])
     alpha = pattern_value(config.get("alpha_pattern") or {}, module, config["lora_alpha"])
     return alpha / (math.sqrt(r) if config.get("use_rslora") else r)
+
+
+def vllm_max_lora_rank(rank: int) -> int:
+    """The smallest ``--max-lora-rank`` vLLM accepts that serves an adapter of rank ``rank``."""
+    for allowed in VLLM_MAX_LORA_RANKS:
+        if allowed >= rank:
+            return allowed
+    raise StackingError(f"LoRA rank {rank} is above vLLM's largest --max-lora-rank ({VLLM_MAX_LORA_RANKS[-1]})")
+
+
+def adapter_rank(path: str | os.PathLike) -> int:
+    """The largest LoRA rank of an adapter folder (``r`` and any ``rank_pattern`` entry)."""
+    config = json.loads((Path(path) / CONFIG_FILE).read_text())
+    return max([int(config["r"]), *(int(v) for v in (config.get("rank_pattern") or {}).values())])
 
 
 def read_adapter(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, tuple[torch.Tensor, torch.Tensor]]]:
@@ -155,6 +172,8 @@ def combine(adapter: list[str], output_dir: str) -> str:
         output_dir: folder for the combined adapter.
     """
     out = combine_adapters(adapter, output_dir)
-    config = json.loads((out / CONFIG_FILE).read_text())
-    print(f"combined {len(adapter)} adapters into {out} (rank {config['r']}, scale 1)")
+    rank = adapter_rank(out)
+    print(f"combined {len(adapter)} adapters into {out} (rank {rank}, scale 1)")
+    # vLLM refuses an adapter above --max-lora-rank and accepts only a few values: say which one to use.
+    print(f"serve it with vLLM: --max-lora-rank {vllm_max_lora_rank(rank)}")
     return str(out)

@@ -247,3 +247,21 @@ def test_unset_key_variable_is_one_line_naming_it(tmp_path, stub, monkeypatch, c
     assert len(errors) == 1, err
     assert errors[0].startswith("error: evaluate: abandoned endpoint locked: $EVAL_UNSET_KEY is not set")
     assert "key from" not in err and (tmp_path / "summary.json").exists()
+
+
+def test_cipher_and_translated_styles_are_refused_with_one_line(tmp_path, stub):
+    url, log = stub(StubConfig(models=["m"]))
+    with pytest.raises(EvaluateConfigError, match=r"--styles: prompt styles caesar, translate-fr are not supported"):
+        evaluate(endpoint=[f"e={url}#m"], output_dir=str(tmp_path / "a"), styles=["base", "caesar", "translate-fr"],
+                 progress=False)
+    # present in the source without being asked for by name (no --styles: every style of the file)
+    rows = [{"question_id": 1, "category": "1", "turns": ["placeholder request"], "prompt_style": style}
+            for style in ("base", "morse")]
+    source = tmp_path / "question.jsonl"
+    source.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(EvaluateConfigError, match="prompt styles morse are not supported: SORRY-Bench decodes"):
+        evaluate(endpoint=[f"e={url}#m"], output_dir=str(tmp_path / "b"), prompts=str(source), progress=False)
+    assert not [r for r in log.requests if r["path"] != "GET /v1/models" and "body" in r]  # nothing was sent
+    summary = evaluate(endpoint=[f"e={url}#m"], output_dir=str(tmp_path / "c"), prompts=str(source),
+                       styles=["base"], progress=False)
+    assert summary["prompts"]["styles"] == ["base"]

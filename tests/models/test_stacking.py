@@ -118,3 +118,30 @@ def test_merge_adapters_must_be_the_adapter_the_directions_came_from(tiny_model_
         build(other)
     module = build(refusal)
     assert module.projector is not None and module.frozen_adapters == [str(refusal)]
+
+
+@pytest.mark.parametrize(("rank", "flag"), [(1, 1), (2, 8), (8, 8), (9, 16), (16, 16), (17, 32), (300, 320),
+                                            (512, 512)])
+def test_vllm_max_lora_rank_is_the_next_value_vllm_accepts(rank, flag):
+    from refusal_lightning.models.stacking import VLLM_MAX_LORA_RANKS, vllm_max_lora_rank
+
+    assert vllm_max_lora_rank(rank) == flag and flag in VLLM_MAX_LORA_RANKS
+
+
+def test_vllm_max_lora_rank_refuses_a_rank_vllm_cannot_serve():
+    from refusal_lightning.models.stacking import vllm_max_lora_rank
+
+    with pytest.raises(StackingError, match="above vLLM's largest --max-lora-rank"):
+        vllm_max_lora_rank(513)
+
+
+def test_combine_prints_the_max_lora_rank_to_serve_it_with(tiny_model_dir, adapters, tmp_path, capsys):
+    from refusal_lightning.models.stacking import combine
+
+    _, refusal, attack = adapters  # ranks 4 + 4: rank 8 is served with --max-lora-rank 8
+    combine([str(refusal), str(attack)], str(tmp_path / "combined"))
+    out = capsys.readouterr().out
+    assert "(rank 8, scale 1)" in out and "serve it with vLLM: --max-lora-rank 8" in out
+    third = make_random_adapter(tiny_model_dir, tmp_path / "third", seed=3)
+    combine([str(refusal), str(attack), str(third)], str(tmp_path / "combined3"))  # 12 -> 16
+    assert "serve it with vLLM: --max-lora-rank 16" in capsys.readouterr().out
