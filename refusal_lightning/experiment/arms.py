@@ -27,6 +27,8 @@ FIT_KEYS = ("config", "overrides")
 TRANSFORM_KEYS = ("transform", "of", "args")
 # the arm every other is compared with (its drift gives the chance level; later, its curve the frontier)
 REFERENCE_ARM = "vanilla"
+DEFAULT_ARMS = {"vanilla": {}, "orthogonal": {"overrides": ["--model.projection.enabled=true"]}}
+LEGACY_KEYS = ("vanilla_config", "orthogonal_config", "subspace_config", "asft_config", "safe_lora")
 
 
 @dataclass(frozen=True)
@@ -132,6 +134,24 @@ def legacy_arms(vanilla_config: str | None, orthogonal_config: str | None, subsp
     if asft_config:
         arms["asft"] = {"config": asft_config}
     return arms
+
+
+def arms_of(config: Mapping[str, Any]) -> tuple[list[Arm], bool]:
+    """The arms a pipeline config (its keys as a mapping) declares, and whether it used the per-row keys of
+    before (which become arms; together with ``arms`` they are refused). No arms at all: :data:`DEFAULT_ARMS`."""
+    old = legacy_arms(*(config.get(key) for key in LEGACY_KEYS))
+    if old and config.get("arms"):
+        raise ArmsError("the config declares both arms and the per-row keys of before (vanilla_config, "
+                        "orthogonal_config, subspace_config, asft_config, safe_lora): keep arms only")
+    if old:
+        return parse_arms(old, None), True
+    return parse_arms(config.get("arms") or DEFAULT_ARMS, config.get("attack_config")), False
+
+
+def arm_folders(arms: list[Arm], run_dir: Path, fit_output_dirs: Mapping[str, Path]) -> dict[str, Path]:
+    """Each arm's output folder, in table order: a fit arm's ``model.output_dir``, a post-hoc arm's
+    ``<run_dir>/<arm>``."""
+    return {arm.name: fit_output_dirs[arm.name] if arm.is_fit else run_dir / arm.name for arm in arms}
 
 
 def resolved_config(arm: Arm) -> str:

@@ -23,14 +23,7 @@ from typing import Any
 import yaml
 
 from refusal_lightning.checksums import file_sha256, tree_sha256
-from refusal_lightning.experiment.arms import (
-    TRANSFORMS,
-    Arm,
-    ArmsError,
-    legacy_arms,
-    parse_arms,
-    resolved_config,
-)
+from refusal_lightning.experiment.arms import TRANSFORMS, Arm, ArmsError, arm_folders, arms_of, resolved_config
 from refusal_lightning.experiment.results import collect_results, write_results
 from refusal_lightning.files import atomic_write_text
 from refusal_lightning.models.stacking import COMBINED_DIR
@@ -40,7 +33,6 @@ from refusal_lightning.user_errors import exit_on_user_error
 
 # stages besides the arms' own (each arm is a stage named after it, between directions and nll)
 FIXED_STAGES: tuple[str, ...] = ("tiny_model", "prepare_model", "refusal", "directions", "nll", "evaluate")
-DEFAULT_ARMS = {"vanilla": {}, "orthogonal": {"overrides": ["--model.projection.enabled=true"]}}
 
 
 class PipelineError(RuntimeError):
@@ -198,14 +190,12 @@ def pipeline(
     try:
         if build_tiny_model and prepare_model:
             raise PipelineError("build_tiny_model and prepare_model both write base_model: choose one")
-        old = legacy_arms(vanilla_config, orthogonal_config, subspace_config, asft_config, safe_lora)
-        if old and arms:
-            raise PipelineError("the config declares both arms and the per-row keys of before (vanilla_config, "
-                                "orthogonal_config, subspace_config, asft_config, safe_lora): keep arms only")
+        declared, old = arms_of({"arms": arms, "attack_config": attack_config, "vanilla_config": vanilla_config,
+                                 "orthogonal_config": orthogonal_config, "subspace_config": subspace_config,
+                                 "asft_config": asft_config, "safe_lora": safe_lora})
         if old:
             print("[pipeline] vanilla_config/orthogonal_config/... are deprecated: declare the rows as arms "
                   "(README, 'The pipeline's arms')", flush=True)
-        declared = parse_arms(old or arms or DEFAULT_ARMS, None if old else attack_config)
         stages = (*FIXED_STAGES, *(arm.name for arm in declared))
         unknown = [s for s in [*(force or []), *([until] if until else [])] if s not in stages]
         if unknown:
@@ -317,20 +307,20 @@ def _run_pipeline(run: Path, base_model: str, build_tiny_model: bool, prepare_mo
 
     # 3. the arms: fits on base + frozen refusal LoRA (shared config + overrides), then post-hoc transforms
     fits = {"refusal": refusal}
-    arm_dirs: dict[str, Path] = {}
     for arm in (a for a in arms if a.is_fit):
         cfg = arm_cfgs[arm.name]
         over = [f"--model.model_name_or_path={base_model}", f"--model.merge_adapters=[{refusal.output_dir}]",
                 f"--model.projection.directions_path={directions_path}", *arm.overrides, *overrides]
         fits[arm.name] = FitStage(arm.name, cfg, _output_dir(cfg, over), over)
-        arm_dirs[arm.name] = fits[arm.name].output_dir
-        stage(arm.name, [cfg.read_text(), over, prints["directions"], _file_sha(directions_path), _data_print(cfg)],
+    arm_dirs = arm_folders(arms, run, {name: fit.output_dir for name, fit in fits.items()})
+    for arm in (a for a in arms if a.is_fit):
+        cfg = arm_cfgs[arm.name]
+        stage(arm.name, [cfg.read_text(), fits[arm.name].overrides, prints["directions"], _file_sha(directions_path),
+                         _data_print(cfg)],
               [fits[arm.name].output_dir / adapter_file],
               lambda resume, s=fits[arm.name]: _run_fit(s, resume),
               clear=_checkpoint_dirs(cfg, fits[arm.name].output_dir))
     for arm in (a for a in arms if not a.is_fit):
-        arm_dirs[arm.name] = run / arm.name
-
         def transform(_: bool, arm: Arm = arm) -> None:
             import importlib
 
@@ -341,7 +331,6 @@ def _run_pipeline(run: Path, base_model: str, build_tiny_model: bool, prepare_mo
 
         stage(arm.name, [arm.transform, prints[arm.of], prints["directions"], dict(arm.args)],
               [arm_dirs[arm.name] / COMBINED_DIR / adapter_file], transform, clear=[])
-    arm_dirs = {arm.name: arm_dirs[arm.name] for arm in arms}  # table order
     models = ["base", "refusal", *arm_dirs]
     model_prints = [prints[m] for m in models if m in prints]
 

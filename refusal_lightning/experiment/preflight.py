@@ -27,8 +27,9 @@ from typing import Any, Literal
 
 import yaml
 
+from refusal_lightning.experiment.arms import ArmsError, arm_folders, arms_of, resolved_config
 from refusal_lightning.experiment.memory_estimate import fit_memory
-from refusal_lightning.experiment.pipeline import ATTACKS, evaluated_adapters
+from refusal_lightning.experiment.pipeline import evaluated_adapters
 from refusal_lightning.models.stacking import CONFIG_FILE, adapter_rank
 from refusal_lightning.samples import looks_like_hub_id
 from refusal_lightning.serving.vllm_plan import CARDS, JUDGE_MODEL, KNOWN_CONFIGS, ModelShape, plan_servers, wait_for
@@ -40,8 +41,6 @@ MIN_VLLM = (0, 8, 0)
 # ``--config`` would be jsonargparse's own "load these arguments from a YAML file"; here it names the pipeline
 # config to check (``preflight --config configs/pipeline.yaml``), so the CLI maps it to ``--pipeline_config``.
 SHORT_FLAGS = {"config": "pipeline_config"}
-FIT_STAGES = {"refusal": "refusal_config", "vanilla": "vanilla_config", "orthogonal": "orthogonal_config",
-              "subspace": "subspace_config", "asft": "asft_config"}
 
 
 class PreflightError(ValueError):
@@ -187,11 +186,11 @@ def model_shape(base_model: str, hub: Check) -> tuple[ModelShape | None, str]:
     return None, reason
 
 
-def _served_adapters(pipe: dict[str, Any], fits: dict[str, dict[str, Any]]) -> dict[str, str]:
+def _served_adapters(pipe: dict[str, Any], fits: dict[str, dict[str, Any]], arms: list) -> dict[str, str]:
     """The adapters the policy server must serve: as ``pipeline`` evaluates them (``evaluated_adapters``)."""
-    out = {name: Path(cfg["model"]["output_dir"]) for name, cfg in fits.items() if name != "refusal"}
-    safe = Path(out["vanilla"]).parent / "safe_lora" if pipe.get("safe_lora") and "vanilla" in out else None
-    served = evaluated_adapters(Path(fits["refusal"]["model"]["output_dir"]), out, safe)
+    outputs = {name: Path(cfg["model"]["output_dir"]) for name, cfg in fits.items()}
+    folders = arm_folders(arms, Path(str(pipe.get("run_dir", "artifacts"))), outputs)
+    served = evaluated_adapters(outputs["refusal"], folders)
     return {name: str(path) for name, path in served.items()}
 
 
@@ -223,19 +222,23 @@ def run_checks(config: str, gpu_gb: int, vllm: str, emit: Callable[[str], None])
         return check
 
     pipe = _read_yaml(Path(config), "pipeline config")
-    fits: dict[str, dict[str, Any]] = {}
-    for stage, key in FIT_STAGES.items():
-        if pipe.get(key):
-            fits[stage] = _read_yaml(Path(pipe[key]), f"{key}")
-    missing = [k for k in ("refusal", *ATTACKS) if k not in fits]
-    if missing:
-        raise PreflightError(f"pipeline config {config}: no fit config for {', '.join(missing)}")
+    if not pipe.get("refusal_config"):
+        raise PreflightError(f"pipeline config {config}: no refusal_config")
+    try:
+        arms, _ = arms_of(pipe)
+    except ArmsError as exc:
+        raise PreflightError(f"pipeline config {config}: {exc}") from None
+    fits: dict[str, dict[str, Any]] = {"refusal": _read_yaml(Path(pipe["refusal_config"]), "refusal_config")}
+    for arm in (a for a in arms if a.is_fit):
+        _read_yaml(arm.config, f"arms.{arm.name} config")  # a missing or broken file, named
+        fits[arm.name] = yaml.safe_load(resolved_config(arm))
+    read = sorted({str(pipe["refusal_config"]), *(str(a.config) for a in arms if a.is_fit)})
     from refusal_lightning.evaluation.runner import evaluate_arguments
 
     evaluation = evaluate_arguments(pipe.get("evaluation") or {}, f"{config}: evaluation")
     judge = evaluation.get("judge")
-    add(Check("PASS", "config", f"{config} and its fit configs ({', '.join(str(pipe[FIT_STAGES[s]]) for s in fits)}) "
-                                "parse; the evaluation section is valid"))
+    add(Check("PASS", "config", f"{config}, its arms ({', '.join(a.name for a in arms)}) and their fit configs "
+                                f"({', '.join(read)}) parse; the evaluation section is valid"))
 
     base_model = str(pipe.get("base_model") or fits["refusal"]["model"]["model_name_or_path"])
     base = add(source_check(base_model, "model", "base model"))
@@ -259,7 +262,7 @@ def run_checks(config: str, gpu_gb: int, vllm: str, emit: Callable[[str], None])
         add(Check("SKIPPED", "vllm commands", f"the shape of {base_model} is unknown ({shape_source})"))
         add(Check("SKIPPED", "gpu memory", f"the shape of {base_model} is unknown ({shape_source})"))
         return checks
-    served = _served_adapters(pipe, fits)
+    served = _served_adapters(pipe, fits, arms)
     rank, rank_source = _served_rank(served, fits)
     policy, judge_plan = plan_servers(gpu_gb, base_model, shape, served, rank, judge_model or JUDGE_MODEL)
     problems = _endpoint_problems(pipe, base_model, served)
