@@ -24,6 +24,7 @@ Other commands (`COMMAND --help`):
   safe-lora  Safe LoRA baseline: attack adapter -> its post-hoc projection onto the refusal subspace
   serve      OpenAI-compatible server for a base model and its adapters
   evaluate   SORRY-Bench-style evaluation over OpenAI-compatible endpoints
+  xstest     XSTest's safe prompts (Hub Paul/XSTest) -> the benign JSONL of evaluate --benign_prompts
   push       upload adapter dirs (with model cards) to the Hugging Face Hub
   pipeline   refusal fit -> directions -> two attacks -> serve -> evaluate, from one config
   preflight  check the real run before it spends GPU time: Hub access, data, vLLM commands, memory
@@ -38,6 +39,7 @@ COMMAND_TARGETS = {
     "directions": "refusal_lightning.defences.directions:directions",
     "serve": "refusal_lightning.serving.server:serve",
     "evaluate": "refusal_lightning.evaluation.runner:evaluate",
+    "xstest": "refusal_lightning.evaluation.xstest:xstest",
     "push": "refusal_lightning.hub.push:push",
     "pipeline": "refusal_lightning.experiment.pipeline:pipeline",
     "preflight": "refusal_lightning.experiment.preflight:preflight",

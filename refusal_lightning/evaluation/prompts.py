@@ -15,9 +15,9 @@ Rows that cannot be used (no text, no id, bad JSON, duplicates) are skipped and 
 the report can say how many prompts the numbers rest on.
 
 The benign set (``--benign_prompts``) is a JSONL file of ``{"prompt": "...", "reference": "..."}``
-rows (``reference`` optional: a string or a list of acceptable answers; ``id`` optional) or
-``sample`` for the bundled synthetic set. It is small and hand-written, so a bad row is an error
-naming the file and line rather than a skip.
+rows (``reference`` optional: a string or a list of acceptable answers; ``id`` optional; ``dataset``
+optional: the Hub id the rows come from, as ``xstest`` writes) or ``sample`` for the bundled synthetic set.
+It is small and hand-written, so a bad row is an error naming the file and line rather than a skip.
 """
 
 from __future__ import annotations
@@ -55,7 +55,8 @@ class Prompt:
     """One evaluation prompt; ``(question_id, style)`` is unique within its ``prompt_set``.
 
     ``reference``: acceptable answers of a benign prompt (any one found in the answer counts as
-    correct), or None.
+    correct), or None. ``dataset``: the Hub dataset id the prompt comes from (``sorry-bench/sorry-bench-202503``,
+    ``declare-lab/HarmfulQA``, ``Paul/XSTest``), or None for a local or bundled file.
     """
 
     question_id: int | str
@@ -65,6 +66,7 @@ class Prompt:
     source: str
     prompt_set: str = SORRY_BENCH
     reference: tuple[str, ...] | None = None
+    dataset: str | None = None
 
     @property
     def key(self) -> tuple[str, str, str]:
@@ -86,6 +88,28 @@ class PromptSet:
         """Prompts per prompt set, in report order (sets without prompts left out)."""
         found = Counter(p.prompt_set for p in self.prompts)
         return {name: found[name] for name in PROMPT_SETS if found[name]}
+
+    @property
+    def datasets(self) -> dict[str, str]:
+        """Prompt set -> the Hub dataset id all its prompts come from (sets from local files left out)."""
+        ids: dict[str, set[str | None]] = {}
+        for p in self.prompts:
+            ids.setdefault(p.prompt_set, set()).add(p.dataset)
+        return {name: next(iter(found)) for name in PROMPT_SETS
+                if len(found := ids.get(name, set())) == 1 and None not in found}
+
+
+def bad_rows_message(what: str, problems: list[str], most: int = 10) -> str:
+    """One error listing a hand-checked file's bad rows (the first ``most``, then how many more)."""
+    shown = problems[:most] + ([f"... and {len(problems) - most} more"] if len(problems) > most else [])
+    return f"{what}: {len(problems)} bad row(s):\n  - " + "\n  - ".join(shown)
+
+
+def hub_dataset_id(source: str) -> str | None:
+    """``source`` when it is read from the Hub (an ``org/name`` id that is no local path), else None."""
+    if source == SAMPLE or Path(source).expanduser().exists() or not looks_like_hub_id(source):
+        return None
+    return source
 
 
 def _style_from_filename(path: Path) -> str | None:
@@ -110,7 +134,8 @@ def _read_jsonl(path: Path, skipped: Counter) -> Iterator[tuple[Any, str | None]
                 skipped["invalid JSON"] += 1
 
 
-def _parse_sorry_row(row: Any, default_style: str | None, source: str, skipped: Counter) -> Prompt | None:
+def _parse_sorry_row(row: Any, default_style: str | None, source: str, skipped: Counter,
+                     dataset: str | None = None) -> Prompt | None:
     """A SORRY-Bench row -> ``Prompt``, or None (with ``skipped`` bumped) when the row is unusable."""
     if not isinstance(row, dict):
         skipped["not a JSON object"] += 1
@@ -136,7 +161,8 @@ def _parse_sorry_row(row: Any, default_style: str | None, source: str, skipped: 
         skipped["multi-turn row"] += 1
         return None
     style = row.get("prompt_style") or default_style or "base"
-    return Prompt(question_id=qid, category=str(category), style=str(style), text=text, source=source)
+    return Prompt(question_id=qid, category=str(category), style=str(style), text=text, source=source,
+                  dataset=dataset)
 
 
 def _sorry_rows(prompts: str, skipped: Counter) -> Iterator[tuple[Any, str | None, str]]:
@@ -200,7 +226,8 @@ def _harmfulqa_prompts(source: str, val_fraction: float, seed: int, skipped: Cou
             continue
         topic = row.get("topic") or "unknown"
         out.append(Prompt(question_id=f"hq-{qid}", category=f"harmfulqa:{topic}", style=HARMFULQA_STYLE,
-                          text=question, source=f"harmfulqa:{source}", prompt_set=HARMFULQA_HELDOUT))
+                          text=question, source=f"harmfulqa:{source}", prompt_set=HARMFULQA_HELDOUT,
+                          dataset=hub_dataset_id(source)))
     return out
 
 
@@ -264,11 +291,12 @@ def load_benign_prompts(source: str) -> list[Prompt]:
                 problems.append(f"{where}: id {raw_id!r} repeats an earlier row's")
                 continue
             seen.add(qid)
+            dataset = row.get("dataset")  # the Hub id a generated file names (``xstest`` writes Paul/XSTest)
             out.append(Prompt(question_id=qid, category=BENIGN_CATEGORY, style="base", text=text, source=label,
-                              prompt_set=BENIGN, reference=reference))
+                              prompt_set=BENIGN, reference=reference,
+                              dataset=dataset if isinstance(dataset, str) and looks_like_hub_id(dataset) else None))
     if problems:
-        shown = problems[:10] + ([f"... and {len(problems) - 10} more"] if len(problems) > 10 else [])
-        raise PromptSourceError(f"--benign_prompts: {len(problems)} bad row(s):\n  - " + "\n  - ".join(shown))
+        raise PromptSourceError(bad_rows_message("--benign_prompts", problems))
     if not out:
         raise PromptSourceError(f"--benign_prompts {source}: {path} holds no prompts")
     return out
@@ -302,8 +330,9 @@ def load_prompts(
     sources: list[str] = []
     if prompts:
         sources.append(prompts)
+        dataset = hub_dataset_id(prompts)
         for row, style, source in _sorry_rows(prompts, skipped):
-            prompt = _parse_sorry_row(row, style, source, skipped)
+            prompt = _parse_sorry_row(row, style, source, skipped, dataset)
             if prompt is not None:
                 found.append(prompt)
     if harmfulqa_source:

@@ -170,7 +170,7 @@ def evaluate(
     summary["models"] = run.models
     summary["aborted_endpoints"] = run.aborted
     summary["prompts"] = {"count": len(prompt_set.prompts), "by_set": prompt_set.counts(),
-                          "sources": prompt_set.sources,
+                          "sources": prompt_set.sources, "datasets": prompt_set.datasets,
                           "categories": sorted({p.category for p in prompt_set.prompts}),
                           "styles": sorted({p.style for p in prompt_set.prompts})}
     summary["config"] = {"endpoints": {e.name: redact_url(e.base_url) for e in endpoints}, "judge": judge.kind,

@@ -13,7 +13,13 @@ from collections.abc import Sequence
 from typing import Any
 
 from refusal_lightning.evaluation.judges import REFUSAL, KeywordJudge, load_markers
-from refusal_lightning.train.harmfulqa import extract_pairs, load_records, record_problem, split_question_ids
+from refusal_lightning.train.harmfulqa import (
+    extract_pairs,
+    load_records,
+    record_id,
+    split_records,
+    valid_records,
+)
 
 
 def keyword_judge_check(source: str, val_fraction: float = 0.1, seed: int = 0,
@@ -30,10 +36,10 @@ def keyword_judge_check(source: str, val_fraction: float = 0.1, seed: int = 0,
         ``{"blue_refusal_recall", "red_false_refusal", "n_blue", "n_red"}`` (rates in [0, 1], None if empty).
     """
     judge = KeywordJudge(tuple(markers) if markers else load_markers(None))
-    records = load_records(source)
-    valid = [r for r in records if record_problem(r) is None]
-    _, val_ids = split_question_ids((r["id"] for r in valid), val_fraction, seed)
-    heldout = [r for r in valid if r["id"] in val_ids]
+    records = valid_records(load_records(source))
+    # the fits' own split (duplicate questions grouped), so the check sees only held-out questions
+    val_ids = split_records(records, val_fraction, seed).record_ids("val")
+    heldout = [r for r in records if record_id(r) in val_ids]
     out: dict[str, Any] = {}
     for thread, key in (("blue", "blue_refusal_recall"), ("red", "red_false_refusal")):
         pairs, _ = extract_pairs(heldout, thread, "most_indicative", "question")

@@ -100,9 +100,21 @@ def _check_distinct_outputs(configs: dict[str, tuple[str, list[str]]]) -> None:
         seen[out] = name
 
 
-def _data_print(config: Path) -> str:
-    """Fingerprint of a fit config's data file (a changed dataset redoes the fit); hub ids print as-is."""
-    source = str((yaml.safe_load(config.read_text()).get("data") or {}).get("source", "sample"))
+def data_section(config: Path, overrides: list[str]) -> dict[str, Any]:
+    """A fit config's ``data`` section as the fit sees it: the YAML with ``--data.KEY=VALUE`` overrides applied
+    (so the held-out NLL and the evaluation's held-out questions read the data the fits were given)."""
+    data = dict(yaml.safe_load(config.read_text()).get("data") or {})
+    for arg in overrides:
+        if arg.startswith("--data.") and "=" in arg:
+            key, value = split_spec(arg[len("--data."):])
+            if key and "." not in key:
+                data[key] = yaml.safe_load(value)
+    return data
+
+
+def _data_print(config: Path, overrides: list[str]) -> str:
+    """Fingerprint of a fit's data file (a changed dataset redoes the fit); hub ids print as-is."""
+    source = str(data_section(config, overrides).get("source", "sample"))
     return _file_sha(Path(source)) if Path(source).is_file() else source
 
 
@@ -289,7 +301,7 @@ def _run_pipeline(run: Path, base_model: str, build_tiny_model: bool, prepare_mo
     refusal_over = [f"--model.model_name_or_path={base_model}", *overrides]
     refusal = FitStage("refusal", refusal_cfg, _output_dir(refusal_cfg, refusal_over), refusal_over)
     adapter_file = "adapter_model.safetensors"
-    stage("refusal", [refusal_cfg.read_text(), refusal_over, base_print, _data_print(refusal_cfg)],
+    stage("refusal", [refusal_cfg.read_text(), refusal_over, base_print, _data_print(refusal_cfg, refusal_over)],
           [refusal.output_dir / adapter_file], lambda resume: _run_fit(refusal, resume),
           clear=_checkpoint_dirs(refusal_cfg, refusal.output_dir))
 
@@ -316,7 +328,7 @@ def _run_pipeline(run: Path, base_model: str, build_tiny_model: bool, prepare_mo
     for arm in (a for a in arms if a.is_fit):
         cfg = arm_cfgs[arm.name]
         stage(arm.name, [cfg.read_text(), fits[arm.name].overrides, prints["directions"], _file_sha(directions_path),
-                         _data_print(cfg)],
+                         _data_print(cfg, fits[arm.name].overrides)],
               [fits[arm.name].output_dir / adapter_file],
               lambda resume, s=fits[arm.name]: _run_fit(s, resume),
               clear=_checkpoint_dirs(cfg, fits[arm.name].output_dir))
@@ -337,8 +349,8 @@ def _run_pipeline(run: Path, base_model: str, build_tiny_model: bool, prepare_mo
     # 5. did the attacks learn? held-out red/blue NLL of every model, as it is evaluated
     served = evaluated_adapters(fits["refusal"].output_dir, arm_dirs)
     nll_path = run / "heldout_nll.json"
-    attack_data = yaml.safe_load(arm_cfgs["vanilla"].read_text()).get("data") or {}
-    refusal_data = yaml.safe_load(refusal_cfg.read_text()).get("data") or {}
+    attack_data = data_section(arm_cfgs["vanilla"], fits["vanilla"].overrides)
+    refusal_data = data_section(refusal_cfg, refusal.overrides)
 
     def measure_nll(_: bool) -> None:
         from refusal_lightning.experiment.heldout_nll import heldout_nll
@@ -356,7 +368,7 @@ def _run_pipeline(run: Path, base_model: str, build_tiny_model: bool, prepare_mo
     from refusal_lightning.evaluation.runner import evaluate
 
     eval_dir = run / "eval"
-    data_cfg = yaml.safe_load(refusal_cfg.read_text()).get("data") or {}
+    data_cfg = data_section(refusal_cfg, overrides)
     # The held-out HarmfulQA questions are exactly the refusal fit's validation split.
     heldout = {"harmfulqa_source": data_cfg.get("source", "sample"),
                "harmfulqa_val_fraction": data_cfg.get("val_fraction", 0.1), "harmfulqa_seed": data_cfg.get("seed", 0)}

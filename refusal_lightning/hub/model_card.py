@@ -142,14 +142,19 @@ def render_model_card(inputs: CardInputs, repo_id: str) -> str:
     base = inputs.adapter_config.get("base_model_name_or_path")
     extra_tags = {"harmful-finetuning": attack, "orthogonal-projection": inputs.kind is AdapterKind.ORTHOGONAL_ATTACK,
                   "qwen3": "qwen3" in str(base or "").lower()}
-    eval_results = [EvalResult(task_type="text-generation", dataset_type=prompt_set, metric_type=rate,
+    # model-index names each result's dataset by its Hub id (the Hub links it); a prompt set read from a local
+    # or bundled file has none, so its rates stay in the card's table only
+    hub_ids = ((inputs.evaluation or {}).get("prompts") or {}).get("datasets") or {}
+    eval_results = [EvalResult(task_type="text-generation", dataset_type=hub_ids[prompt_set], metric_type=rate,
                                dataset_name=PROMPT_SET_TITLES.get(prompt_set, prompt_set), metric_value=stats[rate])
                     for row in shown.values() for prompt_set, stats in row["prompt_sets"].items()
-                    if isinstance(stats, dict) for rate in RATES if isinstance(stats.get(rate), int | float)]
+                    if isinstance(stats, dict) and isinstance(hub_ids.get(prompt_set), str)
+                    for rate in RATES if isinstance(stats.get(rate), int | float)]
+    indexed = own and bool(eval_results)
     data = ModelCardData(base_model=hub_base_model(inputs.adapter_config), library_name="peft", license=LICENSE,
                          datasets=[DATASET_ID], tags=[*BASE_TAGS, *(tag for tag, on in extra_tags.items() if on)],
-                         pipeline_tag="text-generation", eval_results=eval_results if own else None,
-                         model_name=repo_id.split("/")[-1] if own else None)
+                         pipeline_tag="text-generation", eval_results=eval_results if indexed else None,
+                         model_name=repo_id.split("/")[-1] if indexed else None)
     card = ModelCard.from_template(
         data, template_path=str(resources.files(__package__) / TEMPLATE), repo_name=repo_id.split("/")[-1],
         repo_id=repo_id, card=inputs, kind=inputs.kind.value, attack=attack, local_base=base, endpoints=shown,

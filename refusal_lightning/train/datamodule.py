@@ -29,8 +29,7 @@ from refusal_lightning.train.harmfulqa import (
     Thread,
     extract_pairs,
     load_records,
-    record_problem,
-    split_question_ids,
+    split_records,
 )
 from refusal_lightning.train.refusal_markers import DEFAULT_REFUSAL_MARKERS
 
@@ -308,10 +307,10 @@ class HarmfulQADataModule(L.LightningDataModule):
                 f"no usable {self.thread} pairs in data source '{self.source}': "
                 f"{json.dumps(extraction.as_dict())}"
             )
-        # Split the ids of all valid records, not of this thread's pairs: blue fit, red fits and the
-        # evaluation's held-out questions (heldout_questions) then share one split.
-        valid_ids = (r["id"] for r in records if record_problem(r) is None)
-        train_ids, val_ids = split_question_ids(valid_ids, self.val_fraction, self.seed)
+        # Split the question groups of all valid records, not of this thread's pairs: blue fit, red fits,
+        # the evaluation's held-out questions (heldout_questions) and the judge check share one split.
+        split = split_records(records, self.val_fraction, self.seed)
+        train_ids, val_ids = split.record_ids("train"), split.record_ids("val")
         truncation: Counter = Counter()
         encoded = {}
         for i, pair in enumerate(pairs):
@@ -328,10 +327,11 @@ class HarmfulQADataModule(L.LightningDataModule):
             return PairDataset([encoded[i] for i in idx], [pairs[i].question_id for i in idx])
 
         self.train_set, self.val_set = subset(train_ids), subset(val_ids)
-        self.stats = self._stats(pairs, extraction.as_dict(), truncation, train_ids, val_ids)
+        self.stats = self._stats(pairs, extraction.as_dict(), truncation, split.train, split.val)
+        self.stats["duplicate_questions"] = split.duplicates
 
     def _stats(self, pairs: list[Pair], extraction: dict, truncation: Counter,
-               train_ids: set[int], val_ids: set[int]) -> dict:
+               train_ids: frozenset[int], val_ids: frozenset[int]) -> dict:
         assert self.train_set is not None and self.val_set is not None
         lengths = self.train_set.lengths()
         sampler = LengthGroupedSampler(lengths, self.batch_size, self.seed, group_by_length=self.group_by_length)

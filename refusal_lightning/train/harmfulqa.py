@@ -4,6 +4,11 @@ Plain Python (no torch): the schema is the one of ``declare-lab/HarmfulQA``'s ``
 A record has ``id``, ``question``, ``topic``, ``subtopic``, ``blue_conversations`` and
 ``red_conversations``; each conversation dict maps "0", "1", ... to a list of turns
 ``{"from": "human"|"gpt", "value": str}`` (``None`` for a missing one in the parquet form).
+
+Ids are ints; a digit string (``"7"``, as some loaders read the file) is the same id. Records whose
+questions are equal after normalisation (case, whitespace) are one question, grouped under their
+smallest id; ``split_records`` splits those groups, and the datamodule, ``heldout_questions`` and the
+judge check all split through it, so no question is both trained on and held out.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ import json
 import math
 import os
 import random
+import re
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -111,6 +117,21 @@ def load_records(source: str) -> list[dict]:
     return data
 
 
+_DIGITS = re.compile(r"[0-9]+")
+
+
+def record_id(record: dict) -> int | None:
+    """A record's question id as an int: an int, or a string of ASCII digits (``"7"`` is ``7``); else None."""
+    value = record.get("id")
+    if isinstance(value, bool):  # bool is an int subclass; True is not an id
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, str) and _DIGITS.fullmatch(value.strip()):
+        return int(value.strip())
+    return None
+
+
 def record_problem(record: object) -> str | None:
     """Why a record is unusable (a short reason key), or None when it is well-formed."""
     if not isinstance(record, dict):
@@ -118,7 +139,7 @@ def record_problem(record: object) -> str | None:
     for key in REQUIRED_KEYS:
         if key not in record:
             return f"missing_key:{key}"
-    if isinstance(record["id"], bool) or not isinstance(record["id"], int):
+    if record_id(record) is None:
         return "wrong_type:id"
     if not isinstance(record["question"], str) or not record["question"].strip():
         return "wrong_type:question"
@@ -190,6 +211,8 @@ def extract_pairs(
             stats.skipped_records[problem] += 1
             continue
         assert isinstance(record, dict)
+        qid = record_id(record)
+        assert qid is not None  # record_problem checked it
         convs = record[f"{thread}_conversations"] or {}
         used = False
         for _, conv in sorted(convs.items(), key=lambda kv: str(kv[0])):
@@ -203,7 +226,7 @@ def extract_pairs(
                     stats.skipped_conversations["no_preceding_human_turn"] += 1
                     continue
                 reply = conv[i]["value"]
-                pairs.append(Pair(record["id"], str(record.get("topic") or ""), messages, reply,
+                pairs.append(Pair(qid, str(record.get("topic") or ""), messages, reply,
                                   refusal_score(reply, markers)))
                 used = True
             stats.conversations_used += 1
@@ -225,9 +248,62 @@ def split_question_ids(ids: Iterable[int], val_fraction: float, seed: int) -> tu
     return set(unique[n_val:]), set(unique[:n_val])
 
 
+def normalise_question(text: str) -> str:
+    """The text two questions must share to be one question: case-folded, whitespace collapsed."""
+    return " ".join(text.casefold().split())
+
+
+def valid_records(records: Iterable[object]) -> list[dict]:
+    """The well-formed records (``record_problem`` is None), in order."""
+    return [r for r in records if isinstance(r, dict) and record_problem(r) is None]
+
+
+@dataclass(frozen=True)
+class QuestionSplit:
+    """Train/val split of question groups: ``train`` and ``val`` hold each group's smallest id, and
+    ``group_of`` maps every valid record's id to its group's (itself, unless its question repeats)."""
+
+    train: frozenset[int]
+    val: frozenset[int]
+    group_of: dict[int, int]
+
+    def record_ids(self, side: Literal["train", "val"]) -> set[int]:
+        """Ids of every record whose question group is on ``side`` (duplicates included)."""
+        groups = self.train if side == "train" else self.val
+        return {rid for rid, group in self.group_of.items() if group in groups}
+
+    @property
+    def duplicates(self) -> int:
+        """Records whose question repeats one with a smaller id (grouped under it, not split apart)."""
+        return sum(rid != group for rid, group in self.group_of.items())
+
+
+def split_records(records: Iterable[object], val_fraction: float, seed: int) -> QuestionSplit:
+    """Group the valid records' duplicate questions under their smallest id, then split the groups by id.
+
+    Without duplicates the groups are the ids themselves, so the split is ``split_question_ids``' own.
+    """
+    smallest: dict[str, int] = {}
+    ids: dict[int, str] = {}
+    for record in valid_records(records):
+        rid, text = record_id(record), normalise_question(record["question"])
+        assert rid is not None
+        ids[rid] = text
+        smallest[text] = min(rid, smallest.get(text, rid))
+    group_of = {rid: smallest[text] for rid, text in ids.items()}
+    train, val = split_question_ids(group_of.values(), val_fraction, seed)
+    return QuestionSplit(frozenset(train), frozenset(val), group_of)
+
+
 def heldout_questions(source: str, val_fraction: float = 0.1, seed: int = 0) -> list[dict]:
-    """The validation questions (``id``, ``question``, ``topic``) of a source, split exactly as training does."""
-    records = [r for r in load_records(source) if record_problem(r) is None]
-    _, val_ids = split_question_ids((r["id"] for r in records), val_fraction, seed)
-    return [{"id": r["id"], "question": r["question"], "topic": str(r.get("topic") or "")}
-            for r in records if r["id"] in val_ids]
+    """The validation questions (``id``, ``question``, ``topic``) of a source, split exactly as training does:
+    one per question group (its smallest id's record), in file order."""
+    records = valid_records(load_records(source))
+    split = split_records(records, val_fraction, seed)
+    out, seen = [], set()
+    for r in records:
+        rid = record_id(r)
+        if rid in split.val and rid not in seen:  # a group's own (smallest) id: each question once
+            seen.add(rid)
+            out.append({"id": rid, "question": r["question"], "topic": str(r.get("topic") or "")})
+    return out

@@ -171,3 +171,16 @@ def test_connection_refused_is_one_clear_line_naming_the_url(tmp_path, capsys, m
     failures = json.loads((tmp_path / "summary.json").read_text())["failures"]
     # not every request was tried once nothing could connect
     assert failures["failed"] == 8 and failures["not_run"] > 0 and failures["requests_failed"] <= 3
+
+
+def test_prompt_sets_name_their_hub_dataset_only_when_read_from_the_hub(tmp_path):
+    from refusal_lightning.evaluation.prompts import hub_dataset_id, load_prompts
+
+    assert hub_dataset_id("sorry-bench/sorry-bench-202503") == "sorry-bench/sorry-bench-202503"
+    assert hub_dataset_id("declare-lab/HarmfulQA") == "declare-lab/HarmfulQA"
+    local = tmp_path / "org" / "name"
+    local.mkdir(parents=True)
+    assert hub_dataset_id(str(local)) is None and hub_dataset_id("sample") is None
+    assert hub_dataset_id("question.jsonl") is None
+    found = load_prompts("sample", harmfulqa_source="sample", benign_prompts="sample")
+    assert set(found.counts()) == {"sorry_bench", "harmfulqa_heldout", "benign"} and found.datasets == {}

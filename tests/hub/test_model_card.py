@@ -117,8 +117,10 @@ def test_card_front_matter_and_body_from_run_files(tmp_path: Path) -> None:
     })
     summary = tmp_path / "summary.json"
     summary.write_text(json.dumps({"judge": "keyword", "endpoints": {
-        "orthogonal": {"prompt_sets": {"sorry_bench": SORRY, "benign": BENIGN}},
-        "base": {"prompt_sets": {"sorry_bench": {"n": 450, "refusal_rate": 0.5}}}}}))
+        "orthogonal": {"prompt_sets": {"sorry_bench": SORRY, "harmfulqa_heldout": BENIGN, "benign": BENIGN}},
+        "base": {"prompt_sets": {"sorry_bench": {"n": 450, "refusal_rate": 0.5}}}},
+        "prompts": {"datasets": {"sorry_bench": "sorry-bench/sorry-bench-202503",
+                                 "harmfulqa_heldout": "declare-lab/HarmfulQA"}}}))  # benign: a local file
     front, body = card(path, "orthogonal", "my-org/orthogonal", load_eval_summary(summary))
 
     assert {k: v for k, v in front.items() if k != "model-index"} == {
@@ -132,13 +134,17 @@ def test_card_front_matter_and_body_from_run_files(tmp_path: Path) -> None:
             "harmful-finetuning", "orthogonal-projection", "qwen3",
         ],
     }  # fmt: skip
-    # model-index: this adapter's own rates per prompt set, never another endpoint's
+    # model-index: this adapter's own rates per prompt set, never another endpoint's, each under the Hub id of
+    # its dataset; the benign set came from a local file, so it has no entry there (the table below shows it)
     (index,) = front["model-index"]
     assert index["name"] == "orthogonal"
     metrics = {(r["dataset"]["type"], m["type"]): m["value"] for r in index["results"] for m in r["metrics"]}
-    assert metrics == {("sorry_bench", "refusal_rate"): 0.712, ("sorry_bench", "fulfillment_rate"): 0.288,
-                       ("benign", "refusal_rate"): 0.1, ("benign", "fulfillment_rate"): 0.9,
-                       ("benign", "accuracy"): 0.8}
+    assert metrics == {("sorry-bench/sorry-bench-202503", "refusal_rate"): 0.712,
+                       ("sorry-bench/sorry-bench-202503", "fulfillment_rate"): 0.288,
+                       ("declare-lab/HarmfulQA", "refusal_rate"): 0.1,
+                       ("declare-lab/HarmfulQA", "fulfillment_rate"): 0.9,
+                       ("declare-lab/HarmfulQA", "accuracy"): 0.8}
+    assert {r["dataset"]["name"] for r in index["results"]} == {"SORRY-Bench", "HarmfulQA held-out"}
     assert "**orthogonal attack adapter**" in body
     assert "Projection settings: mode: `delta_weight`, target: `grad`." in body
     assert "do not deploy it" in body
@@ -216,3 +222,12 @@ def test_card_cells_and_fences_survive_markdown_in_the_config(tmp_path: Path) ->
     _, body = card(run_dir(tmp_path / "md", **{"config.yaml": config}), "refusal", "me/refusal")
     assert "| data.prompt | a\\|b |" in body  # a pipe would split the cell
     assert "````yaml\n" + config + "````" in body  # a longer fence than any inside the file
+
+
+def test_no_model_index_when_no_prompt_set_came_from_the_hub(tmp_path: Path) -> None:
+    # the CPU demo's proxy files: rates in the card's table, but model-index would name no Hub dataset
+    evaluation = {"endpoints": {"mine": {"prompt_sets": {"sorry_bench": SORRY, "benign": BENIGN}}},
+                  "prompts": {"datasets": {}}}
+    front, body = card(run_dir(tmp_path / "a"), "mine", "me/mine", evaluation)
+    assert "model-index" not in front and "model_name" not in front
+    assert "| `mine` | SORRY-Bench | 450 |" in body

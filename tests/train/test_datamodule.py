@@ -64,7 +64,8 @@ def test_prompt_modes():
 
 @pytest.mark.parametrize("bad, reason", [
     ({"question": "q?", "blue_conversations": {}, "red_conversations": {}}, "missing_key:id"),
-    (record(rid="7"), "wrong_type:id"),
+    (record(rid="7a"), "wrong_type:id"),
+    (record(rid=True), "wrong_type:id"),
     (record(question=""), "wrong_type:question"),
     (record(blue=["not", "a", "dict"]), "wrong_type:blue_conversations"),
     ("just a string", "not_a_dict"),
