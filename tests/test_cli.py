@@ -45,7 +45,7 @@ def test_every_fit_yaml_parses(config, capsys, monkeypatch):
     assert resolved["data"]["thread"] in ("blue", "red") and resolved["trainer"]["callbacks"]
 
 
-@pytest.mark.parametrize("config", ["configs/tiny/pipeline.yaml", "configs/cpu/pipeline.yaml",
+@pytest.mark.parametrize("config", ["configs/pipeline.yaml", "configs/tiny/pipeline.yaml", "configs/cpu/pipeline.yaml",
                                     "configs/cpu/pipeline_baselines.yaml"])
 def test_arms_are_the_shared_attack_plus_a_few_overrides(config):
     pipe = yaml.safe_load((REPO / config).read_text())

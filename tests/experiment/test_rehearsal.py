@@ -54,13 +54,13 @@ def rehearsal(tmp_path_factory, tiny_model_dir):
     judge, judge_url, judge_log = start_stub(StubConfig(models=["sorry-bench-judge"]))
     real = yaml.safe_load((REPO / "configs/pipeline.yaml").read_text())
     config = {**real, "base_model": str(tiny_model_dir), "build_tiny_model": False,
-              **{k: str(REPO / real[k]) for k in ("refusal_config", "vanilla_config", "orthogonal_config")},
+              **{k: str(REPO / real[k]) for k in ("refusal_config", "attack_config")},
               "fit_overrides": [f"--data.source={data}", "--trainer.max_steps=2", "--trainer.val_check_interval=2",
                                 "--trainer.enable_progress_bar=false"]}
     config["evaluation"] = {**real["evaluation"], "prompts": "sorry.jsonl",
                             "judge": {**real["evaluation"]["judge"], "url": judge_url}}
     path = tmp / "pipeline.yaml"
-    path.write_text(yaml.safe_dump(config))
+    path.write_text(yaml.safe_dump(config, sort_keys=False))  # the arms' order is the table's
     main(["pipeline", "--config", str(path), "--until", "orthogonal"])  # the fits, then start the servers
 
     run = tmp / "artifacts"
@@ -68,7 +68,7 @@ def rehearsal(tmp_path_factory, tiny_model_dir):
                 "orthogonal": run / "attack_orthogonal" / "combined"}  # as the README's --lora-modules
     with ServerProcess(str(tiny_model_dir), adapters, tmp / "serve.log", max_batch_size=32) as server:
         config["endpoints"] = {name: f"{server.url}#{name}" for name in MODELS}
-        path.write_text(yaml.safe_dump(config))
+        path.write_text(yaml.safe_dump(config, sort_keys=False))  # the arms' order is the table's
         main(["pipeline", "--config", str(path)])
     yield run, judge_log, config
     judge.shutdown()

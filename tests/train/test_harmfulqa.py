@@ -149,7 +149,7 @@ def test_each_reply_is_paired_with_the_human_turn_it_answers():
 
 
 def test_real_configs_pair_replies_with_their_turn():
-    for name in ("refusal_lora", "attack_vanilla", "attack_orthogonal"):
+    for name in ("refusal_lora", "attack"):
         assert yaml.safe_load((REPO / "configs" / f"{name}.yaml").read_text())["data"]["prompt"] == "turn", name
 
 
