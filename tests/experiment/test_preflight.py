@@ -150,3 +150,29 @@ def test_preflight_bad_config_is_one_error_line(tmp_path, capsys):
     assert info.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: pipeline config") and "missing.yaml" in err[0]
+
+
+def test_preflight_reads_the_arms_and_skips_a_prompt_file_a_later_step_writes(tmp_path, tiny_model_dir, online,
+                                                                              capsys):
+    config = _write_run(tmp_path, tiny_model_dir, _records())
+    pipe = yaml.safe_load(config.read_text())
+    shared = yaml.safe_load(Path(pipe.pop("vanilla_config")).read_text())
+    Path(pipe.pop("orthogonal_config")).unlink()
+    shared["model"]["output_dir"] = str(tmp_path / "attack_{arm}")
+    (tmp_path / "attack.yaml").write_text(yaml.safe_dump(shared))
+    pipe["attack_config"] = str(tmp_path / "attack.yaml")
+    pipe["arms"] = {"vanilla": {}, "orthogonal": {"overrides": ["--model.projection.enabled=true"]},
+                    "safe_lora": {"transform": "safe_lora", "of": "vanilla"}}
+    pipe["endpoints"]["safe_lora"] = "http://127.0.0.1:8000#safe_lora"
+    pipe["evaluation"]["benign_prompts"] = str(tmp_path / "artifacts" / "xstest_safe.jsonl")
+    config.write_text(yaml.safe_dump(pipe, sort_keys=False))
+    with pytest.raises(SystemExit) as info:
+        pf.preflight(pipeline_config=str(config), vllm=_fake_vllm(tmp_path))
+    assert info.value.code == 3  # nothing failed; the prompt file is not there yet
+    out = capsys.readouterr().out
+    assert "its arms (vanilla, orthogonal, safe_lora)" in out
+    assert f"SKIPPED evaluation.benign_prompts {tmp_path / 'artifacts' / 'xstest_safe.jsonl'}: a local file" in out
+    assert "xstest --output_path" in out and ("artifacts/xstest_safe.jsonl", "dataset") not in online
+    policy = next(line for line in out.splitlines() if "--enable-lora" in line)
+    assert f"orthogonal={tmp_path / 'attack_orthogonal' / 'combined'}" in policy  # {arm} filled in
+    assert f"safe_lora={tmp_path / 'run' / 'safe_lora' / 'combined'}" in policy and "--max-loras 4" in policy

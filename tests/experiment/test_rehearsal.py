@@ -106,6 +106,8 @@ def test_rehearsal_evaluates_every_model_on_every_prompt_set(rehearsal):
         assert row["nll"]["red_heldout"] > 0 and row["nll"]["blue_heldout"] > 0
     summary = json.loads((run / "eval" / "summary.json").read_text())
     assert summary["judge"]["primary"] == "llm" and summary["config"]["generation"]["max_tokens"] == 1024
-    judged = [r for r in judge_log.requests if r.get("path", "").endswith("/chat/completions")]
-    assert len(judged) == len(MODELS) * (3 + heldout + 2)  # the stub judge saw every answer once
+    # the judge gets SORRY-Bench's literal prompt as a completion (no chat template), every answer once
+    judged = [r for r in judge_log.requests if r.get("path", "").endswith("/v1/completions")]
+    assert len(judged) == len(MODELS) * (3 + heldout + 2)
+    assert not [r for r in judge_log.requests if r.get("path", "").endswith("/chat/completions")]
     assert (run / "results.md").is_file()
