@@ -14,5 +14,6 @@ One concept per module:
 - ``metrics``: Wilson intervals, McNemar's test, Cohen's kappa, item outcomes, judge statistics, the summary.
 - ``report``: ``summary.json``/``.csv``, ``report.md``, the per-category plot, the stdout table.
 - ``runner``: the ``evaluate`` command: its checks, the run, the summary.
+- ``xstest``: the ``xstest`` command (XSTest's safe prompts as a benign prompt file).
 - ``stub_server``: a deterministic OpenAI-compatible stand-in with scripted faults (tests, benchmark).
 """

@@ -1,6 +1,7 @@
 """The training core: HarmfulQA pairs in, a LoRA adapter out.
 
-- ``harmfulqa``: records, the reply-selection rule and the split by question id.
+- ``harmfulqa``: records, the reply-selection rule and the split by question id (duplicates grouped).
+- ``data_report``: pairs per thread of a HarmfulQA file and the share the pairing rule changes.
 - ``refusal_markers``: the marker list that selects training replies, and marker matching.
 - ``datamodule``: ``HarmfulQADataModule``, tokenisation with the chat template, the length-grouped sampler.
 - ``module``: ``RefusalLoRAModule``, the LightningModule (LoRA, projection, AsFT, saving the adapter).
