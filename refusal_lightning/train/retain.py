@@ -23,6 +23,10 @@ RETAIN_KINDS: tuple[str, ...] = ("kl", "distill")
 LOCAL_FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 
 
+class RetainConfigError(ValueError):
+    """The retain section cannot work (every problem in one message)."""
+
+
 class RetainSourceError(ValueError):
     """The retain prompts could not be read, or none are left after the exclusions."""
 
@@ -61,7 +65,8 @@ class RetainConfig:
 
 
 def check_retain_config(cfg: RetainConfig, merge_adapters: list[str] | None = None) -> None:
-    """Raise ``ValueError`` naming every problem of an enabled retain section at once (before any model loads)."""
+    """Raise ``RetainConfigError`` naming every problem of an enabled retain section at once (before the model
+    loads)."""
     if not cfg.enabled:
         return
     problems = []
@@ -88,7 +93,7 @@ def check_retain_config(cfg: RetainConfig, merge_adapters: list[str] | None = No
         problems.append("retain needs the plain base as its reference, but model.merge_adapters is set (an attack "
                         "fit); the retain term is for the refusal fit")
     if problems:
-        raise ValueError(f"retain settings, {len(problems)} problem(s):\n  - " + "\n  - ".join(problems))
+        raise RetainConfigError(f"retain settings, {len(problems)} problem(s):\n  - " + "\n  - ".join(problems))
 
 
 def normalise(prompt: str) -> str:
