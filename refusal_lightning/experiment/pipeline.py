@@ -100,10 +100,16 @@ def _check_distinct_outputs(configs: dict[str, str | None], overrides: list[str]
         seen[out] = name
 
 
-def _data_print(config: Path) -> str:
-    """Fingerprint of a fit config's data file (a changed dataset redoes the fit); hub ids print as-is."""
-    source = str((yaml.safe_load(config.read_text()).get("data") or {}).get("source", "sample"))
-    return _file_sha(Path(source)) if Path(source).is_file() else source
+def _data_print(config: Path) -> str | list[str]:
+    """Fingerprint of a fit config's data files: the data source and, with a retain term, its prompt file and
+    excluded files (a changed file redoes the fit); hub ids print as-is."""
+    parsed = yaml.safe_load(config.read_text())
+    sources = [str((parsed.get("data") or {}).get("source", "sample"))]
+    retain = ((parsed.get("model") or {}).get("retain") or {})
+    if retain.get("enabled"):
+        sources += [str(retain.get("source")), *map(str, retain.get("exclude") or [])]
+    prints = [_file_sha(Path(s)) if Path(s).is_file() else s for s in sources]
+    return prints[0] if len(prints) == 1 else prints  # one source prints as before: finished stages stay done
 
 
 def _checkpoint_dirs(config: Path, output_dir: Path) -> list[Path]:

@@ -170,3 +170,18 @@ def test_server_batches_as_many_requests_as_the_evaluator_sends():
     args = ServerProcess("base-dir", {"refusal": Path("r")}, Path("serve.log"), max_batch_size=128).args
     assert args[args.index("--max_batch_size") + 1] == "128"
     assert args[args.index("--adapter") + 1] == "refusal=r"
+
+
+def test_a_changed_retain_prompt_file_redoes_the_refusal_fit(tmp_path):
+    from refusal_lightning.experiment.pipeline import _data_print
+
+    prompts = tmp_path / "retain.jsonl"
+    prompts.write_text('{"prompt": "What is two plus two?"}\n')
+    config = tmp_path / "fit.yaml"
+    config.write_text(yaml.safe_dump({"data": {"source": "sample"},
+                                      "model": {"retain": {"enabled": True, "source": str(prompts)}}}))
+    before = _data_print(config)
+    prompts.write_text('{"prompt": "What is three plus three?"}\n')
+    assert _data_print(config) != before
+    config.write_text(yaml.safe_dump({"data": {"source": "sample"}, "model": {"retain": {"enabled": False}}}))
+    assert _data_print(config) == "sample"  # without the term it prints as it always did
