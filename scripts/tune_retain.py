@@ -49,7 +49,7 @@ def fit(setting: str, out: Path, retain_prompts: int) -> Path:
         cfg["model"]["retain"] = {**cfg["model"]["retain"], "enabled": True, "kind": kind, "weight": float(weight),
                                   "max_prompts": retain_prompts}
     cfg["model"]["output_dir"] = str(folder)
-    cfg["trainer"]["logger"]["init_args"]["name"] = f"tune_retain_{folder.name}"
+    cfg["trainer"]["logger"]["init_args"].update(save_dir=str(out / "tensorboard"), name=folder.name)
     cfg["trainer"]["callbacks"][0]["init_args"]["dirpath"] = str(folder / "checkpoints")
     path = out / f"{folder.name}.yaml"
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--settings", nargs="+", default=["off", "kl:1", "distill:1"])
     parser.add_argument("--heldout_facts", type=int, default=40)
     parser.add_argument("--base_model", default="artifacts/models/smollm2-135m-instruct")
-    parser.add_argument("--out", type=Path, default=Path("artifacts/demo/retain_tune"))
+    parser.add_argument("--out", type=Path, default=Path("artifacts/retain_tune"))
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if not Path(args.base_model, "model.safetensors").exists():
