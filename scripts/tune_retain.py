@@ -112,7 +112,8 @@ def main(argv: list[str] | None = None) -> None:
     twin_labels: dict[str, list[bool]] = {}
     for line in (eval_dir / "judgments.jsonl").open():
         row = json.loads(line)
-        if row["prompt_set"] == "benign" and int(row["question_id"]) in twin_ids:
+        # benign ids are written as "benign-<id>"
+        if row["prompt_set"] == "benign" and int(str(row["question_id"]).rsplit("-", 1)[-1]) in twin_ids:
             twin_labels.setdefault(row["endpoint"], []).append(row["label"] == "refusal")
     rows = []
     for name in ["base", *models]:
