@@ -112,10 +112,15 @@ def data_section(config: Path, overrides: list[str]) -> dict[str, Any]:
     return data
 
 
-def _data_print(config: Path, overrides: list[str]) -> str:
-    """Fingerprint of a fit's data file (a changed dataset redoes the fit); hub ids print as-is."""
-    source = str(data_section(config, overrides).get("source", "sample"))
-    return _file_sha(Path(source)) if Path(source).is_file() else source
+def _data_print(config: Path, overrides: list[str] | None = None) -> str | list[str]:
+    """Fingerprint of a fit's data files: the data source (``--data.source`` overrides included) and, with a
+    retain term, its prompt file and excluded files (a changed file redoes the fit); hub ids print as-is."""
+    sources = [str(data_section(config, overrides or []).get("source", "sample"))]
+    retain = ((yaml.safe_load(config.read_text()).get("model") or {}).get("retain") or {})
+    if retain.get("enabled"):
+        sources += [str(retain.get("source")), *map(str, retain.get("exclude") or [])]
+    prints = [_file_sha(Path(s)) if Path(s).is_file() else s for s in sources]
+    return prints[0] if len(prints) == 1 else prints  # one source prints as before: finished stages stay done
 
 
 def _checkpoint_dirs(config: Path, output_dir: Path) -> list[Path]:

@@ -32,6 +32,9 @@ from refusal_lightning.train.chunked_loss import (
     per_example_loss,
     shift_labels,
 )
+from refusal_lightning.train.retain import RetainConfig, check_retain_config, load_retain_prompts
+from refusal_lightning.train.retain_answers import CACHE_FILE, RetainBatches, cached_base_answers
+from refusal_lightning.train.retain_loss import next_token_kl, next_token_kl_from_logits
 
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -57,7 +60,7 @@ class LoRASettings:
 # A module built in Python (not by the CLI) pickles these into its checkpoint's ``hyper_parameters``, and
 # Lightning loads checkpoints with ``weights_only=True``, which refuses classes it was not told are safe:
 # without this such a checkpoint cannot be resumed. Their pre-subpackage paths too (``legacy``).
-HPARAM_CLASSES = (LoRASettings, ProjectionConfig, AsftConfig)
+HPARAM_CLASSES = (LoRASettings, ProjectionConfig, AsftConfig, RetainConfig)
 torch.serialization.add_safe_globals([*HPARAM_CLASSES, *((c, path) for c in HPARAM_CLASSES for path in old_paths(c))])
 
 
@@ -111,6 +114,7 @@ class RefusalLoRAModule(L.LightningModule):
         min_lr_ratio: float = 0.1,
         projection: ProjectionConfig = ProjectionConfig(),
         asft: AsftConfig = AsftConfig(),
+        retain: RetainConfig = RetainConfig(),
         compile: bool = False,
         loss_impl: Literal["chunked", "full", "liger"] = "chunked",
         loss_chunk_size: int = DEFAULT_CHUNK_SIZE,
@@ -136,6 +140,9 @@ class RefusalLoRAModule(L.LightningModule):
             projection: refusal-direction projection and monitoring (see projection.py).
             asft: the AsFT baseline (arXiv 2506.08473): ``lam * sum ||(I - C) B A||_F^2`` over the trained LoRA,
                 with ``C`` from the refusal update, added to the training loss (see asft.py).
+            retain: a second loss on benign prompts that keeps the base model's behaviour there while the
+                LoRA trains: KL to the base (adapter disabled) or distillation of the base's own answers
+                (see retain.py). Off by default; off, the fit is unchanged.
             compile: ``torch.compile`` the model (first steps are slow; pays off on long GPU runs).
             loss_impl: how the reply-token cross-entropy goes through the LM head. ``chunked``: only the
                 labelled tokens, ``loss_chunk_size`` at a time, never the ``tokens x vocab`` logits
@@ -147,6 +154,7 @@ class RefusalLoRAModule(L.LightningModule):
                 logits at once (512 x 151,936: 311 MB); larger chunks run slightly faster.
         """
         super().__init__()
+        check_retain_config(retain, merge_adapters)  # a bad retain section fails before the model loads
         self.save_hyperparameters(ignore=["optimizer"])
         self.output_dir = Path(output_dir)
         self.lora = lora
@@ -155,6 +163,10 @@ class RefusalLoRAModule(L.LightningModule):
         self.lr_schedule = lr_schedule
         self.min_lr_ratio = min_lr_ratio
         self.projection = projection
+        self.retain = retain
+        self.model_name_or_path = model_name_or_path
+        self.retain_batches: RetainBatches | None = None  # built at fit start (needs the datamodule's tokenizer)
+        self.retain_stats: dict = {}
         # Frozen weights are reloaded from model_name_or_path; checkpoints hold trainable weights only.
         self.strict_loading = False
         self.frozen_adapters = [str(check_adapter_dir(a)) for a in merge_adapters or []]
@@ -250,7 +262,35 @@ class RefusalLoRAModule(L.LightningModule):
             penalty = self.asft_penalty()
             self.log("asft/penalty", penalty, on_step=True, batch_size=batch["input_ids"].shape[0])
             loss = loss + penalty
+        if self.retain_batches is not None:  # train/loss stays the task loss; the term is logged apart
+            retain_batch = self.retain_batches.batch(self.global_step, batch_idx, self.device)
+            # The retain pass draws its own LoRA-dropout masks without moving the global RNG, so the task
+            # batches see the same masks with the term on or off (weight 0 reproduces the fit without it).
+            with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+                retain_loss = self.retain_loss(retain_batch)
+            self.log("retain/loss", retain_loss, on_step=True, batch_size=retain_batch["input_ids"].shape[0])
+            loss = loss + self.retain.weight * retain_loss
         return loss
+
+    def retain_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The retain loss on a batch of retain rows (labels on the base model's answers): ``kl`` to the base
+        model, run with the trained adapter disabled in the same step, or ``distill`` (cross-entropy on the
+        base's greedy answers). Gradients reach only the trained LoRA: the base pass runs without grad."""
+        if self.retain.kind == "distill":
+            return self._loss(batch)
+        peft_model = getattr(self.model, "_orig_mod", self.model)
+        if self.loss_impl == "full":  # the model's own head (whatever wraps it), full logits
+            def logits() -> torch.Tensor:
+                return self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+
+            student = logits()
+            with torch.no_grad(), peft_model.disable_adapter():
+                teacher = logits()
+            return next_token_kl_from_logits(student, teacher, batch["labels"])
+        hidden, head = self._final_hidden(batch)
+        with torch.no_grad(), peft_model.disable_adapter():
+            base_hidden, _ = self._final_hidden(batch)
+        return next_token_kl(hidden, base_hidden, batch["labels"], head.weight, head.bias, self.loss_chunk_size)
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         return self._shared_step(batch, "val")
@@ -307,8 +347,29 @@ class RefusalLoRAModule(L.LightningModule):
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
+    def _build_retain_batches(self) -> None:
+        """Retain prompts -> the base model's cached answers -> ``self.retain_batches`` (fit start: the model
+        is on its device, and the datamodule holds the tokenizer and chat-template settings)."""
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if datamodule is None or not hasattr(datamodule, "load_tokenizer"):
+            raise ValueError("retain.enabled needs the fit's HarmfulQADataModule (its tokenizer and chat template)")
+        tokenizer = datamodule.load_tokenizer()
+        prompts, self.retain_stats = load_retain_prompts(self.retain)
+        max_prompt_tokens = max(1, datamodule.max_length - self.retain.max_new_tokens)
+        prompt_ids, answer_ids = cached_base_answers(
+            self.output_dir / CACHE_FILE, getattr(self.model, "_orig_mod", self.model), tokenizer, prompts,
+            self.model_name_or_path, self.retain.max_new_tokens, max_prompt_tokens, datamodule.template_kwargs,
+            write=self.trainer.is_global_zero)
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self.retain_batches = RetainBatches(prompt_ids, answer_ids, self.retain.batch_size, pad, self.retain.seed)
+        self.retain_stats["rows_with_answer"] = len(self.retain_batches)
+        self.retain_stats["answer_tokens"] = sum(len(a) for a in answer_ids)
+
     def on_fit_start(self) -> None:
         from lightning.pytorch.strategies import FSDPStrategy
+
+        if self.retain.enabled and self.retain_batches is None:
+            self._build_retain_batches()
 
         if self.asft_penalty is not None and isinstance(self.trainer.strategy, FSDPStrategy):
             raise ValueError("the AsFT term needs whole LoRA tensors; FSDP shards them: use DDP (LoRA weights "
@@ -392,6 +453,10 @@ class RefusalLoRAModule(L.LightningModule):
                 summary = {"config": asdict(self.projection), **self.projector.summary(),
                            "drift/cos_chance": self.projector.chance_cos()}
                 (staging / "projection_stats.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+            if self.retain_stats:  # which retain prompts, and with which setting, beside the adapter
+                record = {"config": asdict(self.retain), **self.retain_stats}
+                (staging / "retain_stats.json").write_text(json.dumps(record, indent=2) + "\n")
             if self.frozen_adapters:  # what was trained: base + frozen adapters + this one, as one adapter
                 combine_adapters([*self.frozen_adapters, staging], staging / COMBINED_DIR)
             move_files_into(staging, self.output_dir)
+

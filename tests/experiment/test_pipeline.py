@@ -173,6 +173,21 @@ def test_server_batches_as_many_requests_as_the_evaluator_sends():
     assert args[args.index("--adapter") + 1] == "refusal=r"
 
 
+def test_a_changed_retain_prompt_file_redoes_the_refusal_fit(tmp_path):
+    from refusal_lightning.experiment.pipeline import _data_print
+
+    prompts = tmp_path / "retain.jsonl"
+    prompts.write_text('{"prompt": "What is two plus two?"}\n')
+    config = tmp_path / "fit.yaml"
+    config.write_text(yaml.safe_dump({"data": {"source": "sample"},
+                                      "model": {"retain": {"enabled": True, "source": str(prompts)}}}))
+    before = _data_print(config)
+    prompts.write_text('{"prompt": "What is three plus three?"}\n')
+    assert _data_print(config) != before
+    config.write_text(yaml.safe_dump({"data": {"source": "sample"}, "model": {"retain": {"enabled": False}}}))
+    assert _data_print(config) == "sample"  # without the term it prints as it always did
+
+
 def test_a_code_change_reruns_the_stages(demo_run, capsys, monkeypatch):
     # last in this module: it leaves the run's stages fingerprinted with another code print
     from refusal_lightning.experiment import pipeline as pipeline_module

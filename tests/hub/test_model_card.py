@@ -231,3 +231,16 @@ def test_no_model_index_when_no_prompt_set_came_from_the_hub(tmp_path: Path) -> 
     front, body = card(run_dir(tmp_path / "a"), "mine", "me/mine", evaluation)
     assert "model-index" not in front and "model_name" not in front
     assert "| `mine` | SORRY-Bench | 450 |" in body
+
+
+def test_refusal_card_names_its_retain_term(tmp_path: Path) -> None:
+    retain = ("    retain:\n      enabled: true\n      kind: kl\n      weight: 1.0\n"
+              "      source: refusal_lightning/data/proxy/benign_proxy.jsonl\n")
+    with_retain = CONFIG_YAML.replace("    projection:\n      enabled: true\n", retain + "    projection:\n"
+                                      "      enabled: false\n").replace("thread: red", "thread: blue")
+    _, body = card(run_dir(tmp_path / "refusal", **{"config.yaml": with_retain}), "refusal", "my-org/refusal")
+    assert "**refusal adapter**" in body
+    assert "retain term" in body and "`kl` (weight\n1.0)" in body and "benign_proxy.jsonl" in body
+    _, plain = card(run_dir(tmp_path / "plain", **{"config.yaml": CONFIG_YAML.replace("thread: red", "thread: blue")}),
+                    "refusal", "my-org/refusal")
+    assert "retain term" not in plain

@@ -1,0 +1,141 @@
+"""Choose the retain term's kind and weight on validation data only, never on an evaluated set.
+
+    python scripts/tune_retain.py --settings off kl:1 distill:1 kl:4      # after `make setup`
+
+Each setting is one refusal fit (``configs/cpu/refusal_lora.yaml`` with only ``model.retain`` and the output
+folders changed), served beside the base model and asked:
+- ``validation_sorry_proxy.jsonl`` (40 harmful-proxy prompts from a third invented world): refusal;
+- ``validation_benign_proxy.jsonl`` (their 40 benign twins): over-refusal;
+- the last ``--heldout_facts`` training-side factual rows (``benign_proxy.jsonl`` rows outside
+  ``benign_eval.jsonl``): accuracy against their references. The retain prompts of these fits are the
+  rows before them (``retain.max_prompts``), so no validation fact is a retain prompt.
+Greedy decoding, 24 tokens, the keyword judge: as the demo evaluates. Writes ``<out>/tune.{json,md}``;
+finished fits are reused.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # run as a script from anywhere
+    sys.path.insert(0, str(REPO))
+
+from refusal_lightning.files import atomic_write_text  # noqa: E402
+from refusal_lightning.formatting import interval  # noqa: E402
+
+PROXY = REPO / "refusal_lightning/data/proxy"
+CONFIG = REPO / "configs/cpu/refusal_lora.yaml"
+
+
+def fit(setting: str, out: Path, retain_prompts: int) -> Path:
+    """One refusal fit with the retain ``setting`` (``off`` or ``KIND:WEIGHT``); its adapter folder."""
+    folder = out / setting.replace(":", "_").replace(".", "p")
+    if (folder / "adapter_model.safetensors").exists():
+        return folder
+    cfg = yaml.safe_load(CONFIG.read_text())
+    if setting == "off":
+        cfg["model"]["retain"] = {**cfg["model"].get("retain", {}), "enabled": False}
+    else:
+        kind, weight = setting.split(":")
+        cfg["model"]["retain"] = {**cfg["model"]["retain"], "enabled": True, "kind": kind, "weight": float(weight),
+                                  "max_prompts": retain_prompts}
+    cfg["model"]["output_dir"] = str(folder)
+    cfg["trainer"]["logger"]["init_args"].update(save_dir=str(out / "tensorboard"), name=folder.name)
+    cfg["trainer"]["callbacks"][0]["init_args"]["dirpath"] = str(folder / "checkpoints")
+    path = out / f"{folder.name}.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(cfg))
+    started = time.time()
+    subprocess.run([sys.executable, "-m", "refusal_lightning", "fit", "--config", str(path)], check=True, cwd=REPO)
+    print(f"[tune] {setting}: fit in {time.time() - started:.0f}s", flush=True)
+    return folder
+
+
+def validation_files(out: Path, heldout_facts: int) -> tuple[Path, int, set]:
+    """The benign validation file (twins + held-out training-side facts), the number of retain prompts
+    left before the held-out facts, and the twins' ids."""
+    from refusal_lightning.train.retain import RetainConfig, load_retain_prompts
+
+    retain = RetainConfig(**{**yaml.safe_load(CONFIG.read_text())["model"]["retain"], "max_prompts": None})
+    prompts, _ = load_retain_prompts(retain)
+    facts = {json.loads(line)["prompt"]: json.loads(line) for line in (PROXY / "benign_proxy.jsonl").open()}
+    held = prompts[-heldout_facts:]
+    twins = [json.loads(line) for line in (PROXY / "validation_benign_proxy.jsonl").open()]
+    rows = twins + [{"id": 5000 + i, "prompt": p, "reference": facts[p]["reference"], "kind": "factual"}
+                    for i, p in enumerate(held)]
+    path = out / "validation_benign_and_facts.jsonl"
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
+    return path, len(prompts) - heldout_facts, {r["id"] for r in twins}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--settings", nargs="+", default=["off", "kl:1", "distill:1"])
+    parser.add_argument("--heldout_facts", type=int, default=40)
+    parser.add_argument("--base_model", default="artifacts/models/smollm2-135m-instruct")
+    parser.add_argument("--out", type=Path, default=Path("artifacts/retain_tune"))
+    args = parser.parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if not Path(args.base_model, "model.safetensors").exists():
+        from refusal_lightning.models.prepare import prepare_model
+
+        prepare_model(output_dir=args.base_model)
+
+    benign, n_retain, twin_ids = validation_files(args.out, args.heldout_facts)
+    models = {s: fit(s, args.out, n_retain) for s in args.settings}
+
+    from refusal_lightning.evaluation.client import GenerationSettings
+    from refusal_lightning.evaluation.judges import JudgeSettings
+    from refusal_lightning.evaluation.metrics import wilson_interval
+    from refusal_lightning.evaluation.runner import evaluate
+    from refusal_lightning.serving.process import ServerProcess
+
+    eval_dir = args.out / "eval"
+    with ServerProcess(args.base_model, {s: str(p) for s, p in models.items()}, args.out / "serve.log",
+                       max_batch_size=128) as server:
+        endpoints = [f"base={server.url}#base", *(f"{s}={server.url}#{s}" for s in models)]
+        summary = evaluate(endpoint=endpoints, output_dir=str(eval_dir),
+                           prompts=str(PROXY / "validation_sorry_proxy.jsonl"), benign_prompts=str(benign),
+                           judge=JudgeSettings("keyword"),
+                           generation=GenerationSettings(temperature=0.0, max_tokens=24),
+                           concurrency=128, progress=False)
+    twin_labels: dict[str, list[bool]] = {}
+    for line in (eval_dir / "judgments.jsonl").open():
+        row = json.loads(line)
+        # benign ids are written as "benign-<id>"
+        if row["prompt_set"] == "benign" and int(str(row["question_id"]).rsplit("-", 1)[-1]) in twin_ids:
+            twin_labels.setdefault(row["endpoint"], []).append(row["label"] == "refusal")
+    rows = []
+    for name in ["base", *models]:
+        sets = summary["endpoints"][name]["prompt_sets"]
+        twins = twin_labels[name]
+        rows.append({"model": name, "refusal": sets["sorry_bench"]["refusal_rate"],
+                     "refusal_ci": [sets["sorry_bench"]["ci_low"], sets["sorry_bench"]["ci_high"]],
+                     "twin_refusal": sum(twins) / len(twins),
+                     "twin_ci": list(wilson_interval(sum(twins), len(twins))), "twins": len(twins),
+                     "fact_accuracy": sets["benign"]["accuracy"],
+                     "fact_ci": [sets["benign"]["accuracy_ci_low"], sets["benign"]["accuracy_ci_high"]]})
+    table = ["| model | validation refusal | twin refusal | held-out fact accuracy |", "|---|---:|---:|---:|"]
+    def cell(row: dict, key: str, ci: str) -> str:
+        return f"{100 * row[key]:.0f}% {interval(*row[ci], decimals=0)}"
+
+    table += [f"| {r['model']} | {cell(r, 'refusal', 'refusal_ci')} | {cell(r, 'twin_refusal', 'twin_ci')} "
+              f"| {cell(r, 'fact_accuracy', 'fact_ci')} |" for r in rows]
+    result = {"retain_prompts": n_retain, "heldout_facts": args.heldout_facts, "rows": rows}
+    atomic_write_text(args.out / "tune.json", json.dumps(result, indent=2) + "\n")
+    atomic_write_text(args.out / "tune.md", "\n".join(table) + "\n")
+    print("\n".join(table))
+
+
+if __name__ == "__main__":
+    main()
