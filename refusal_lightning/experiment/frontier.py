@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import bisect
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -54,19 +54,16 @@ def monotone(points: Sequence[tuple[float, float]]) -> list[tuple[float, float]]
             xs.append(x)
             sums.append(y)
             counts.append(1)
-    # blocks of pooled points: (first index, sum, count); merge while a block's mean drops below the previous
+    # blocks of pooled points [sum, count, points spanned]; merge while a block's mean drops below the previous
     blocks: list[list[float]] = []
-    for i, (s, c) in enumerate(zip(sums, counts, strict=True)):
-        blocks.append([i, s, c])
-        while len(blocks) > 1 and blocks[-2][1] / blocks[-2][2] > blocks[-1][1] / blocks[-1][2]:
-            _, s2, c2 = blocks.pop()
-            blocks[-1][1] += s2
-            blocks[-1][2] += c2
-    fitted = [0.0] * len(xs)
-    ends = [int(b[0]) for b in blocks[1:]] + [len(xs)]
-    for (start, s, c), end in zip(blocks, ends, strict=True):
-        for i in range(int(start), end):
-            fitted[i] = s / c
+    for s, c in zip(sums, counts, strict=True):
+        blocks.append([s, c, 1])
+        while len(blocks) > 1 and blocks[-2][0] / blocks[-2][1] > blocks[-1][0] / blocks[-1][1]:
+            s2, c2, n2 = blocks.pop()
+            blocks[-1][0] += s2
+            blocks[-1][1] += c2
+            blocks[-1][2] += n2
+    fitted = [s / c for s, c, n in blocks for _ in range(int(n))]
     return list(zip(xs, fitted, strict=True))
 
 
@@ -101,7 +98,6 @@ class Gain:
     mean: float | None
     n_points: int
     n_outside: int
-    differences: list[float] = field(default_factory=list)
 
 
 def gain_at_matched_nll(arm: Mapping[int, Sequence[Point]], vanilla: Mapping[int, Sequence[Point]],
@@ -129,7 +125,7 @@ def gain_at_matched_nll(arm: Mapping[int, Sequence[Point]], vanilla: Mapping[int
             else:
                 inside += times
                 differences += [point.refusal - matched] * times
-    return Gain(sum(differences) / len(differences) if differences else None, inside, outside, differences)
+    return Gain(sum(differences) / len(differences) if differences else None, inside, outside)
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""``pipeline``: refusal fit -> directions -> vanilla attack -> orthogonal attack -> serve -> evaluate.
+"""``pipeline``: refusal fit -> directions -> the declared arms (``arms.py``) -> held-out NLL -> serve -> evaluate.
 
 Each stage records a fingerprint of what it was made from (its config file, overrides, a sha256 of the
 package's ``*.py`` files and the fingerprints of the stages it reads) in ``<run_dir>/pipeline_state.json``.
@@ -373,10 +373,10 @@ def _run_pipeline(run: Path, base_model: str, build_tiny_model: bool, prepare_mo
     from refusal_lightning.evaluation.runner import evaluate
 
     eval_dir = run / "eval"
-    data_cfg = data_section(refusal_cfg, overrides)
     # The held-out HarmfulQA questions are exactly the refusal fit's validation split.
-    heldout = {"harmfulqa_source": data_cfg.get("source", "sample"),
-               "harmfulqa_val_fraction": data_cfg.get("val_fraction", 0.1), "harmfulqa_seed": data_cfg.get("seed", 0)}
+    heldout = {"harmfulqa_source": refusal_data.get("source", "sample"),
+               "harmfulqa_val_fraction": refusal_data.get("val_fraction", 0.1),
+               "harmfulqa_seed": refusal_data.get("seed", 0)}
     # eval_args: checked and typed by pipeline(); the fingerprint takes the section as written, so a field
     # added to a settings class does not clear a finished evaluation.
     eval_args = {**heldout, **eval_args}
