@@ -1,6 +1,7 @@
 """Choose the retain term's kind and weight on validation data only, never on an evaluated set.
 
     python scripts/tune_retain.py --settings off kl:1 distill:1 kl:4      # after `make setup`
+    python scripts/tune_retain.py --settings kl:1:batch_size=4:source=refusal_lightning/data/proxy/retain_proxy.jsonl
 
 Each setting is one refusal fit (``configs/cpu/refusal_lora.yaml`` with only ``model.retain`` and the output
 folders changed), served beside the base model and asked:
@@ -8,7 +9,9 @@ folders changed), served beside the base model and asked:
 - ``validation_benign_proxy.jsonl`` (their 40 benign twins): over-refusal;
 - the last ``--heldout_facts`` training-side factual rows (``benign_proxy.jsonl`` rows outside
   ``benign_eval.jsonl``): accuracy against their references. The retain prompts of these fits are the
-  rows before them (``retain.max_prompts``), so no validation fact is a retain prompt.
+  rows before them (``retain.max_prompts``), so no validation fact is a retain prompt; a retain source
+  must therefore end with those facts (``retain_proxy.jsonl`` does).
+A setting is ``off`` or ``KIND:WEIGHT`` followed by any ``:KEY=VALUE`` of the retain section.
 Greedy decoding, 24 tokens, the keyword judge: as the demo evaluates. Writes ``<out>/tune.{json,md}``;
 finished fits are reused.
 """
@@ -36,18 +39,38 @@ PROXY = REPO / "refusal_lightning/data/proxy"
 CONFIG = REPO / "configs/cpu/refusal_lora.yaml"
 
 
-def fit(setting: str, out: Path, retain_prompts: int) -> Path:
-    """One refusal fit with the retain ``setting`` (``off`` or ``KIND:WEIGHT``); its adapter folder."""
-    folder = out / setting.replace(":", "_").replace(".", "p")
+def parse_setting(setting: str) -> dict:
+    """``off`` or ``KIND:WEIGHT[:KEY=VALUE...]`` (e.g. ``kl:1:batch_size=4:source=PATH``) -> the retain section's
+    changes (YAML values)."""
+    if setting == "off":
+        return {"enabled": False}
+    kind, weight, *extra = setting.split(":")
+    changes = {"enabled": True, "kind": kind, "weight": float(weight)}
+    for item in extra:
+        key, _, value = item.partition("=")
+        changes[key] = yaml.safe_load(value)
+    return changes
+
+
+def retain_section(setting: str, heldout_facts: int) -> dict:
+    """The demo config's retain section with ``setting`` applied and the last ``heldout_facts`` prompts (the
+    validation facts) held out of the retain prompts."""
+    from refusal_lightning.train.retain import RetainConfig, load_retain_prompts
+
+    section = {**yaml.safe_load(CONFIG.read_text())["model"]["retain"], **parse_setting(setting)}
+    if section["enabled"]:
+        prompts, _ = load_retain_prompts(RetainConfig(**{**section, "max_prompts": None}))
+        section["max_prompts"] = len(prompts) - heldout_facts
+    return section
+
+
+def fit(setting: str, out: Path, heldout_facts: int) -> Path:
+    """One refusal fit with the retain ``setting``; its adapter folder."""
+    folder = out / setting.replace(":", "_").replace(".", "p").replace("=", "-").replace("/", "-")
     if (folder / "adapter_model.safetensors").exists():
         return folder
     cfg = yaml.safe_load(CONFIG.read_text())
-    if setting == "off":
-        cfg["model"]["retain"] = {**cfg["model"].get("retain", {}), "enabled": False}
-    else:
-        kind, weight = setting.split(":")
-        cfg["model"]["retain"] = {**cfg["model"]["retain"], "enabled": True, "kind": kind, "weight": float(weight),
-                                  "max_prompts": retain_prompts}
+    cfg["model"]["retain"] = retain_section(setting, heldout_facts)
     cfg["model"]["output_dir"] = str(folder)
     cfg["trainer"]["logger"]["init_args"].update(save_dir=str(out / "tensorboard"), name=folder.name)
     cfg["trainer"]["callbacks"][0]["init_args"]["dirpath"] = str(folder / "checkpoints")
@@ -60,22 +83,23 @@ def fit(setting: str, out: Path, retain_prompts: int) -> Path:
     return folder
 
 
-def validation_files(out: Path, heldout_facts: int) -> tuple[Path, int, set]:
-    """The benign validation file (twins + held-out training-side facts), the number of retain prompts
-    left before the held-out facts, and the twins' ids."""
+def validation_files(out: Path, heldout_facts: int) -> tuple[Path, set]:
+    """The benign validation file (twins + the last ``heldout_facts`` training-side facts, which no tuning fit
+    retains on) and the twins' ids."""
     from refusal_lightning.train.retain import RetainConfig, load_retain_prompts
 
     retain = RetainConfig(**{**yaml.safe_load(CONFIG.read_text())["model"]["retain"], "max_prompts": None})
     prompts, _ = load_retain_prompts(retain)
     facts = {json.loads(line)["prompt"]: json.loads(line) for line in (PROXY / "benign_proxy.jsonl").open()}
     held = prompts[-heldout_facts:]
+    assert all(p in facts for p in held), "the retain source must end with the training-side facts"
     twins = [json.loads(line) for line in (PROXY / "validation_benign_proxy.jsonl").open()]
     rows = twins + [{"id": 5000 + i, "prompt": p, "reference": facts[p]["reference"], "kind": "factual"}
                     for i, p in enumerate(held)]
     path = out / "validation_benign_and_facts.jsonl"
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
-    return path, len(prompts) - heldout_facts, {r["id"] for r in twins}
+    return path, {r["id"] for r in twins}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -91,8 +115,8 @@ def main(argv: list[str] | None = None) -> None:
 
         prepare_model(output_dir=args.base_model)
 
-    benign, n_retain, twin_ids = validation_files(args.out, args.heldout_facts)
-    models = {s: fit(s, args.out, n_retain) for s in args.settings}
+    benign, twin_ids = validation_files(args.out, args.heldout_facts)
+    models = {s: fit(s, args.out, args.heldout_facts) for s in args.settings}
 
     from refusal_lightning.evaluation.client import GenerationSettings
     from refusal_lightning.evaluation.judges import JudgeSettings
@@ -131,7 +155,8 @@ def main(argv: list[str] | None = None) -> None:
 
     table += [f"| {r['model']} | {cell(r, 'refusal', 'refusal_ci')} | {cell(r, 'twin_refusal', 'twin_ci')} "
               f"| {cell(r, 'fact_accuracy', 'fact_ci')} |" for r in rows]
-    result = {"retain_prompts": n_retain, "heldout_facts": args.heldout_facts, "rows": rows}
+    result = {"settings": {s: retain_section(s, args.heldout_facts) for s in args.settings},
+              "heldout_facts": args.heldout_facts, "rows": rows}
     atomic_write_text(args.out / "tune.json", json.dumps(result, indent=2) + "\n")
     atomic_write_text(args.out / "tune.md", "\n".join(table) + "\n")
     print("\n".join(table))
