@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 # The CPU wheel on the dev/CI machine; override for CUDA boxes (make TORCH_PIN=torch).
 TORCH_PIN ?= torch==2.13.0
 
-.PHONY: demo demo-baselines smoke test test-slow lint bench clean-artifacts setup
+.PHONY: demo demo-baselines sweep smoke test test-slow lint bench clean-artifacts setup
 
 setup: $(STAMP)
 
@@ -24,6 +24,9 @@ demo: $(STAMP)
 
 demo-baselines: $(STAMP)  # the demo plus Safe LoRA and AsFT rows (reuses the demo's fits)
 	HF_HUB_OFFLINE=1 $(PY) -m refusal_lightning pipeline --config configs/cpu/pipeline_baselines.yaml
+
+sweep: $(STAMP)  # every arm x 3 seeds x the attack's trajectory on the demo's refusal model (run make demo first)
+	HF_HUB_OFFLINE=1 $(PY) -m refusal_lightning sweep --config configs/cpu/sweep.yaml
 
 smoke: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) -m refusal_lightning pipeline --config configs/tiny/pipeline.yaml

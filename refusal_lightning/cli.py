@@ -26,7 +26,8 @@ Other commands (`COMMAND --help`):
   evaluate   SORRY-Bench-style evaluation over OpenAI-compatible endpoints
   xstest     XSTest's safe prompts (Hub Paul/XSTest) -> the benign JSONL of evaluate --benign_prompts
   push       upload adapter dirs (with model cards) to the Hugging Face Hub
-  pipeline   refusal fit -> directions -> two attacks -> serve -> evaluate, from one config
+  pipeline   refusal fit -> directions -> the arms (attacks, defences) -> serve -> evaluate, from one config
+  sweep      every arm x seeds x attack trajectory on a pipeline's refusal model, against vanilla's frontier
   preflight  check the real run before it spends GPU time: Hub access, data, vLLM commands, memory
 """
 
@@ -42,6 +43,7 @@ COMMAND_TARGETS = {
     "xstest": "refusal_lightning.evaluation.xstest:xstest",
     "push": "refusal_lightning.hub.push:push",
     "pipeline": "refusal_lightning.experiment.pipeline:pipeline",
+    "sweep": "refusal_lightning.experiment.sweep:sweep",
     "preflight": "refusal_lightning.experiment.preflight:preflight",
 }
 

@@ -10,9 +10,11 @@ from __future__ import annotations
 import csv
 import io
 import json
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from refusal_lightning.evaluation.metrics import ItemOutcome
 from refusal_lightning.evaluation.prompts import BENIGN, HARMFULQA_HELDOUT, PROMPT_SET_TITLES
 from refusal_lightning.files import atomic_write, atomic_write_text
 from refusal_lightning.formatting import interval, markdown_table, percent, rate_with_ci
@@ -262,6 +264,20 @@ def plot_fulfillment_by_category(summary: dict[str, Any], path: str | Path) -> N
     fig.tight_layout()
     atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
     plt.close(fig)
+
+
+OUTCOMES_FILE = "outcomes.jsonl"
+
+
+def write_outcomes(outcomes: Iterable[ItemOutcome], output_dir: str | Path) -> Path:
+    """``outcomes.jsonl``: one line per item and endpoint (``endpoint, prompt_set, question_id, style, sample,
+    label, correct, error``; ``label`` is the primary judge's, None on an error), so any rate or paired test
+    can be recomputed without the evaluator (the sweep's cells are read from it)."""
+    path = Path(output_dir) / OUTCOMES_FILE
+    keys = ("endpoint", "prompt_set", "question_id", "style", "sample", "label", "correct", "error")
+    atomic_write_text(path, "".join(json.dumps({k: getattr(o, k) for k in keys}, ensure_ascii=False) + "\n"
+                                    for o in outcomes))
+    return path
 
 
 def write_reports(summary: dict[str, Any], output_dir: str | Path) -> dict[str, Path]:

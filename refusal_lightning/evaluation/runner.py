@@ -29,7 +29,7 @@ from refusal_lightning.evaluation.collect import EvalRun
 from refusal_lightning.evaluation.judges import JudgeSettings, unjudgeable_styles_problem
 from refusal_lightning.evaluation.metrics import failure_detail, item_outcomes, judge_section, summarize
 from refusal_lightning.evaluation.prompts import PromptSet, load_prompts
-from refusal_lightning.evaluation.report import endpoint_table, write_reports
+from refusal_lightning.evaluation.report import endpoint_table, write_outcomes, write_reports
 from refusal_lightning.evaluation.store import EvalStore, WorkItem
 
 # The design's flags for two nested keys, ``--judge llm --judge_url URL``; ``cli`` expands them on the command
@@ -77,7 +77,8 @@ def evaluate(
     Each prompt set is summarised on its own, never pooled: sorry_bench (--prompts),
     harmfulqa_heldout (--harmfulqa_source) and benign (--benign_prompts: refusal there is
     over-refusal, and answers are checked against references). Writes responses.jsonl,
-    judgments.jsonl, summary.json/.csv, report.md and fulfillment_by_category.png to output_dir.
+    judgments.jsonl, summary.json/.csv, report.md, fulfillment_by_category.png and outcomes.jsonl (every
+    item's label and answer check, rebuilt each run) to output_dir.
     Rerunning with the same output_dir resumes: finished requests and judgments are never sent again.
     Returns the summary dict; raises when an endpoint was abandoned or more items failed than
     --max_error_rate allows (after writing every output).
@@ -180,7 +181,7 @@ def evaluate(
     # Everything above depends only on the logs and the arguments; "run" describes this invocation.
     summary["run"] = {"requests_planned": run.sent, "resumed_responses_with_other_settings": run.settings_changed,
                       "elapsed_s": round(time.perf_counter() - t0, 3)}
-    paths = write_reports(summary, store.folder)
+    paths = {**write_reports(summary, store.folder), "outcomes": write_outcomes(outcomes, store.folder)}
     print(endpoint_table(summary))
     print(f"wrote {', '.join(str(p) for p in paths.values())}")
     if run.aborted:

@@ -239,6 +239,7 @@ class HarmfulQADataModule(L.LightningDataModule):
         batch_size: int = 8,
         val_fraction: float = 0.1,
         seed: int = 0,
+        order_seed: int | None = None,
         group_by_length: bool = True,
         num_workers: int = 0,
         enable_thinking: bool | None = False,
@@ -258,6 +259,8 @@ class HarmfulQADataModule(L.LightningDataModule):
             batch_size: examples per batch (per device).
             val_fraction: share of question ids held out for validation (split by question, seeded).
             seed: seed of the split and of the batch order.
+            order_seed: seed of the training batch order only (None: ``seed``). The sweep's seeds change it,
+                and the split (the held-out questions every model is evaluated on) stays put.
             group_by_length: batch similar lengths together (less padding).
             num_workers: dataloader worker processes.
             enable_thinking: passed to the chat template (Qwen3: False renders an empty think block);
@@ -275,6 +278,7 @@ class HarmfulQADataModule(L.LightningDataModule):
         self.batch_size = batch_size
         self.val_fraction = val_fraction
         self.seed = seed
+        self.order_seed = seed if order_seed is None else order_seed
         self.group_by_length = group_by_length
         self.num_workers = num_workers
         self.template_kwargs = {} if enable_thinking is None else {"enable_thinking": enable_thinking}
@@ -369,7 +373,9 @@ class HarmfulQADataModule(L.LightningDataModule):
         rank = trainer.global_rank if trainer is not None else 0
         if replicas > 1:  # a Trainer built in Python, not by the CLI (which sets it false)
             check_use_distributed_sampler(getattr(trainer._accelerator_connector, "use_distributed_sampler", False))
-        sampler = LengthGroupedSampler(dataset.lengths(), self.batch_size, self.seed, shuffle=shuffle,
+        # only the training order follows order_seed (validation is not shuffled)
+        sampler = LengthGroupedSampler(dataset.lengths(), self.batch_size, self.order_seed if shuffle else self.seed,
+                                       shuffle=shuffle,
                                        group_by_length=self.group_by_length, num_replicas=replicas, rank=rank)
         return StatefulDataLoader(dataset, batch_size=self.batch_size, sampler=sampler,
                                   collate_fn=collate(self.load_tokenizer().pad_token_id),

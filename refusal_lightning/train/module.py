@@ -21,7 +21,7 @@ from refusal_lightning.defences.projection import ProjectionConfig
 from refusal_lightning.files import move_files_into
 from refusal_lightning.legacy import old_paths
 from refusal_lightning.models.loading import check_adapter_dir, load_causal_lm
-from refusal_lightning.models.stacking import COMBINED_DIR, combine_adapters
+from refusal_lightning.models.stacking import COMBINED_DIR, WEIGHTS_FILE, combine_adapters
 from refusal_lightning.train.chunked_loss import (
     DEFAULT_CHUNK_SIZE,
     check_loss_impl,
@@ -36,6 +36,7 @@ from refusal_lightning.train.retain import RetainConfig, check_retain_config, lo
 from refusal_lightning.train.retain_answers import CACHE_FILE, RetainBatches, cached_base_answers
 from refusal_lightning.train.retain_loss import next_token_kl, next_token_kl_from_logits
 
+STEPS_DIR = "steps"  # <output_dir>/steps/<step>/: the adapter after that many optimizer steps (trajectory_steps)
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -118,6 +119,7 @@ class RefusalLoRAModule(L.LightningModule):
         compile: bool = False,
         loss_impl: Literal["chunked", "full", "liger"] = "chunked",
         loss_chunk_size: int = DEFAULT_CHUNK_SIZE,
+        trajectory_steps: list[int] | None = None,
     ):
         """
         Args:
@@ -152,6 +154,10 @@ class RefusalLoRAModule(L.LightningModule):
                 liger-kernel``). ``chunked`` and ``liger`` need a plain linear head (no LoRA on ``lm_head``).
             loss_chunk_size: tokens per chunk of ``chunked``: memory holds ``loss_chunk_size x vocab`` fp32
                 logits at once (512 x 151,936: 311 MB); larger chunks run slightly faster.
+            trajectory_steps: after each of these optimizer steps, also export the adapter (with its
+                ``combined/`` and ``projection_stats.json``) into ``output_dir/steps/<step>/``: the attack's
+                trajectory (``sweep``). A snapshot already written is kept (a resumed fit does not redo it);
+                steps beyond ``max_steps`` never come. Step 0 is the starting model and is not exported.
         """
         super().__init__()
         check_retain_config(retain, merge_adapters)  # a bad retain section fails before the model loads
@@ -165,6 +171,10 @@ class RefusalLoRAModule(L.LightningModule):
         self.projection = projection
         self.retain = retain
         self.model_name_or_path = model_name_or_path
+        if any(step < 1 for step in trajectory_steps or []):
+            raise ValueError(f"trajectory_steps are optimizer steps >= 1 (step 0 is the starting model), got "
+                             f"{trajectory_steps}")
+        self.trajectory_steps = frozenset(trajectory_steps or [])
         self.retain_batches: RetainBatches | None = None  # built at fit start (needs the datamodule's tokenizer)
         self.retain_stats: dict = {}
         # Frozen weights are reloaded from model_name_or_path; checkpoints hold trainable weights only.
@@ -316,6 +326,10 @@ class RefusalLoRAModule(L.LightningModule):
         return self.global_step % max(1, self.trainer.log_every_n_steps) == 0
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        # global_step counts optimizer steps; with gradient accumulation several micro-batches share one
+        snapshot = self.output_dir / STEPS_DIR / str(self.global_step)
+        if self.global_step in self.trajectory_steps and not (snapshot / WEIGHTS_FILE).exists():
+            self.export(snapshot)
         if not self._is_log_step():
             return
         now = time.perf_counter()
@@ -436,12 +450,14 @@ class RefusalLoRAModule(L.LightningModule):
     def on_fit_end(self) -> None:
         self.export()
 
-    def export(self) -> None:
-        """Write the adapter and run records into ``output_dir`` (rank zero; files replaced atomically)."""
+    def export(self, output_dir: Path | None = None) -> None:
+        """Write the adapter and run records into ``output_dir`` (default: the fit's; rank zero; files
+        replaced atomically)."""
         if self._trainer is None or not self.trainer.is_global_zero:
             return
-        self.output_dir.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=self.output_dir.parent, prefix=".export-") as tmp:
+        output_dir = output_dir or self.output_dir
+        output_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=output_dir.parent, prefix=".export-") as tmp:
             staging = Path(tmp)
             model = self.model._orig_mod if hasattr(self.model, "_orig_mod") else self.model
             model.save_pretrained(staging, selected_adapters=[ADAPTER_NAME])
@@ -458,5 +474,5 @@ class RefusalLoRAModule(L.LightningModule):
                 (staging / "retain_stats.json").write_text(json.dumps(record, indent=2) + "\n")
             if self.frozen_adapters:  # what was trained: base + frozen adapters + this one, as one adapter
                 combine_adapters([*self.frozen_adapters, staging], staging / COMBINED_DIR)
-            move_files_into(staging, self.output_dir)
+            move_files_into(staging, output_dir)
 

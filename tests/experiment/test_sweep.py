@@ -1,0 +1,211 @@
+"""`sweep` end to end on the tiny tier: the contract of ``results.json``, a gain recomputed from its cells
+without the package's code, resume, shards and the merge's refusals."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import yaml
+from conftest import REPO
+
+from refusal_lightning.cli import main
+from refusal_lightning.experiment.arms import parse_arms
+from refusal_lightning.experiment.sweep_plan import SweepConfigError, parse_shard, plan_units, shard_units
+
+SEEDS, STEPS = [0, 1], [0, 3, 6]
+ARMS = ["vanilla", "orthogonal", "safe_lora"]
+RANDOM_MARKERS = ["is", "al", "three"]
+
+
+@pytest.fixture(scope="module")
+def swept(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("sweep")
+    pipe = yaml.safe_load((REPO / "configs/tiny/pipeline.yaml").read_text())
+    for key in ("refusal_config", "attack_config"):
+        pipe[key] = str(REPO / pipe[key])
+    pipe["fit_overrides"] = ["--trainer.max_steps=6", "--trainer.val_check_interval=3",
+                             "--model.optimizer.init_args.lr=1.0e-2", "--trainer.enable_progress_bar=false"]
+    pipe["evaluation"].update(limit=6, generation={"max_tokens": 8})
+    (tmp / "pipeline.yaml").write_text(yaml.safe_dump(pipe, sort_keys=False))
+    config = yaml.safe_load((REPO / "configs/tiny/sweep.yaml").read_text())
+    config.update(pipeline=str(tmp / "pipeline.yaml"), run_dir=str(tmp / "sweep"), seeds=SEEDS,
+                  trajectory_steps=STEPS, nll_max_pairs=8)
+    config["arms"] = {k: v for k, v in config["arms"].items() if k in ARMS}
+    config["evaluation"]["limit"] = 6
+    # The tiny model is random and never says "I'm sorry": markers common in its output make the outcomes
+    # mixed, so the gains below are computed on something (the machinery, not a finding).
+    (tmp / "markers.txt").write_text("".join(m + "\n" for m in RANDOM_MARKERS))
+    config["evaluation"]["judge"] = {"kind": "keyword", "refusal_markers": str(tmp / "markers.txt")}
+    (tmp / "sweep.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    mp = pytest.MonkeyPatch()
+    mp.chdir(tmp)
+    main(["pipeline", "--config", str(tmp / "pipeline.yaml"), "--until", "directions"])
+    main(["sweep", "--config", str(tmp / "sweep.yaml")])
+    yield tmp, json.loads((tmp / "sweep" / "results.json").read_text())
+    mp.undo()
+
+
+def test_cells_hold_every_arm_seed_and_step_with_outcomes_and_nll(swept):
+    _, record = swept
+    cells = record["sweep"]["cells"]
+    assert sorted((c["arm"], c["seed"], c["step"]) for c in cells) == sorted(
+        (a, s, t) for a in ARMS for s in SEEDS for t in STEPS)
+    for c in cells:
+        assert c["metric"] == "keyword@8"
+        assert {"sorry_bench", "harmfulqa_heldout"} <= set(c["outcomes"])
+        for prompt_set, outcomes in c["outcomes"].items():
+            assert set(outcomes.values()) <= {0, 1}
+            assert c["refusal"][prompt_set] == pytest.approx(sum(outcomes.values()) / len(outcomes))
+        assert set(c["nll"]) == {"red_heldout", "blue_heldout"}
+    # the benign set only at step 0 and the last step; drift on every trained point
+    assert {c["step"] for c in cells if "benign" in c["outcomes"]} == {0, STEPS[-1]}
+    assert all("drift" in c for c in cells if c["arm"] == "vanilla" and c["step"] > 0)
+    rates = [r for c in cells for s, r in c["refusal"].items() if s != "benign"]
+    assert 0 < sum(rates) / len(rates) < 1  # mixed outcomes: the gain test below is not trivially zero
+    # step 0 is one model: the refusal LoRA, the same cell for every arm and seed
+    zero = [c for c in cells if c["step"] == 0]
+    assert all(c["outcomes"] == zero[0]["outcomes"] and c["nll"] == zero[0]["nll"] for c in zero)
+
+
+def test_the_attack_learns_along_its_trajectory(swept):
+    _, record = swept
+    for seed in SEEDS:
+        nll = {c["step"]: c["nll"]["red_heldout"] for c in record["sweep"]["cells"]
+               if c["arm"] == "vanilla" and c["seed"] == seed}
+        assert nll[STEPS[-1]] < nll[0]  # red NLL falls: the points are not one model repeated
+
+
+def test_arms_report_gain_final_and_mcnemar(swept):
+    _, record = swept
+    arms = record["sweep"]["arms"]
+    assert set(arms) == set(ARMS)
+    for arm in ("orthogonal", "safe_lora"):
+        for prompt_set in ("sorry_bench", "harmfulqa_heldout"):
+            gain = arms[arm]["gain_at_matched_nll"][prompt_set]
+            assert set(gain) == {"mean", "ci_low", "ci_high", "n_points", "n_outside"}
+            assert gain["n_points"] + gain["n_outside"] == len(SEEDS) * (len(STEPS) - 1)
+            final = arms[arm]["final"][prompt_set]
+            assert 0 <= final["mean"] <= 1 and final["seed_sd"] is not None
+            assert 0 <= arms[arm]["p_vs_vanilla"][prompt_set] <= 1
+    assert arms["vanilla"]["gain_at_matched_nll"] == {}  # the frontier is not scored against itself
+
+
+def _pava(points):
+    """Independent pool-adjacent-violators on (x, y) sorted by x, ties averaged."""
+    merged: dict[float, list[float]] = {}
+    for x, y in points:
+        merged.setdefault(x, []).append(y)
+    blocks = [[float(np.mean(ys)), 1, [x]] for x, ys in sorted(merged.items())]
+    i = 0
+    while i < len(blocks) - 1:
+        if blocks[i][0] > blocks[i + 1][0]:
+            a, b = blocks[i], blocks.pop(i + 1)
+            a[0] = (a[0] * a[1] + b[0] * b[1]) / (a[1] + b[1])
+            a[1] += b[1]
+            a[2] += b[2]
+            i = max(i - 1, 0)
+        else:
+            i += 1
+    return [(x, mean) for mean, _, xs in blocks for x in xs]
+
+
+def _gain(cells, arm, prompt_set, counts=None, seed_weights=None):
+    keys = sorted(set.intersection(*(set(c["outcomes"][prompt_set]) for c in cells)))
+    def rate(c):
+        values = np.array([c["outcomes"][prompt_set][k] for k in keys], dtype=float)
+        return float(values.mean()) if counts is None else float(values @ counts / counts.sum())
+    diffs = []
+    for seed, weight in (seed_weights or {s: 1 for s in SEEDS}).items():
+        knots = _pava([(c["nll"]["red_heldout"], rate(c)) for c in cells
+                       if c["arm"] == "vanilla" and c["seed"] == seed])
+        xs, ys = [k[0] for k in knots], [k[1] for k in knots]
+        for c in cells:
+            if c["arm"] == arm and c["seed"] == seed and c["step"] >= 1 and xs[0] <= c["nll"]["red_heldout"] <= xs[-1]:
+                diffs += [rate(c) - float(np.interp(c["nll"]["red_heldout"], xs, ys))] * weight
+    return float(np.mean(diffs)) if diffs else None
+
+
+def test_a_gain_and_its_interval_recomputed_from_the_cells_alone(swept):
+    _, record = swept
+    cells = [c for c in record["sweep"]["cells"] if c["arm"] in ("vanilla", "orthogonal")
+             and "sorry_bench" in c["outcomes"]]
+    reported = record["sweep"]["arms"]["orthogonal"]["gain_at_matched_nll"]["sorry_bench"]
+    mean = _gain(cells, "orthogonal", "sorry_bench")
+    assert (mean is None) == (reported["mean"] is None)
+    if mean is None:
+        pytest.skip("no point inside vanilla's range in this tiny run")
+    assert reported["mean"] == pytest.approx(mean, abs=1e-12)
+    # an independent bootstrap (other random draws): prompts, one draw shared by every cell, then seeds
+    rng = np.random.default_rng(123)
+    n = len(next(iter(cells))["outcomes"]["sorry_bench"])
+    gains = []
+    for _ in range(2000):
+        counts = rng.multinomial(n, np.full(n, 1 / n)).astype(float)
+        draw = rng.choice(SEEDS, size=len(SEEDS))
+        weights = {int(s): int((draw == s).sum()) for s in set(draw.tolist())}
+        value = _gain(cells, "orthogonal", "sorry_bench", counts, weights)
+        if value is not None:
+            gains.append(value)
+    lo, hi = np.percentile(gains, [2.5, 97.5])
+    assert reported["ci_low"] == pytest.approx(lo, abs=0.08)
+    assert reported["ci_high"] == pytest.approx(hi, abs=0.08)
+    assert reported["ci_low"] <= reported["mean"] <= reported["ci_high"]
+
+
+def test_rerun_skips_every_unit_and_merge_reproduces_results(swept, capsys):
+    tmp, record = swept
+    capsys.readouterr()
+    main(["sweep", "--config", str(tmp / "sweep.yaml")])
+    out = capsys.readouterr().out
+    assert out.count("up to date, skipped") == len(SEEDS) * 2  # two fit arms per seed
+    main(["sweep", "--config", str(tmp / "sweep.yaml"), "--merge", "true"])
+    assert json.loads((tmp / "sweep" / "results.json").read_text())["sweep"]["arms"] == record["sweep"]["arms"]
+    assert (tmp / "sweep" / "sweep_refusal_vs_red_nll.png").stat().st_size > 0
+    assert (tmp / "sweep" / "sweep_refusal_vs_step.png").stat().st_size > 0
+
+
+def test_merge_refuses_foreign_and_missing_units(swept, capsys):
+    tmp, _ = swept
+    cells = tmp / "sweep" / "units" / "orthogonal-s1" / "cells.json"
+    saved = cells.read_text()
+    record = json.loads(saved)
+    record["fingerprint"]["code"] = "0" * 16
+    cells.write_text(json.dumps(record))
+    with pytest.raises(SystemExit) as err:
+        main(["sweep", "--config", str(tmp / "sweep.yaml"), "--merge", "true"])
+    assert err.value.code == 2 and "orthogonal-s1: code" in capsys.readouterr().err
+    shutil.move(cells, cells.with_suffix(".bak"))
+    with pytest.raises(SystemExit):
+        main(["sweep", "--config", str(tmp / "sweep.yaml"), "--merge", "true"])
+    assert "not finished: orthogonal-s1" in capsys.readouterr().err
+    cells.with_suffix(".bak").replace(cells)
+    cells.write_text(saved)
+
+
+def test_shards_split_the_units_seed_by_seed():
+    arms = parse_arms({"vanilla": {}, "orthogonal": {}, "safe_lora": {"transform": "safe_lora", "of": "vanilla"}},
+                      "attack.yaml")
+    units = plan_units(arms, [0, 1, 2])
+    assert [u.name for u in units] == ["vanilla-s0", "orthogonal-s0", "vanilla-s1", "orthogonal-s1",
+                                       "vanilla-s2", "orthogonal-s2"]
+    assert units[0].arms == ("vanilla", "safe_lora")  # a post-hoc arm travels with its source
+    shards = [shard_units(units, parse_shard(f"{i}/4")) for i in range(4)]
+    assert sorted(u.name for s in shards for u in s) == sorted(u.name for u in units)
+    for bad in ("4/4", "1-4", "-1/2"):
+        with pytest.raises(SweepConfigError, match="I/N"):
+            parse_shard(bad)
+
+
+def test_sweep_before_its_pipeline_says_what_to_run(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    pipe = yaml.safe_load((REPO / "configs/tiny/pipeline.yaml").read_text())
+    pipe["run_dir"] = str(tmp_path / "never")
+    pipe["refusal_config"] = str(REPO / pipe["refusal_config"])
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump(pipe))
+    with pytest.raises(SystemExit) as err:
+        main(["sweep", "--config", str(REPO / "configs/tiny/sweep.yaml"), "--pipeline", str(tmp_path / "p.yaml")])
+    assert err.value.code == 2
+    assert "pipeline --config" in capsys.readouterr().err
