@@ -37,6 +37,7 @@ from refusal_lightning.experiment.sweep_unit import (
     CELLS_FILE,
     LAST_ONLY_KEYS,
     SweepContext,
+    clear_derived,
     evaluate_points,
     make_cell,
     measure_nll,
@@ -154,7 +155,8 @@ def _prepare(config: dict[str, Any], fit_overrides: list[str]) -> tuple[SweepCon
     fingerprint = {"refusal_adapter": file_sha256(refusal_dir / WEIGHTS_FILE)[:16],
                    "directions": file_sha256(directions)[:16], "code": tree_sha256(PACKAGE_ROOT)[:16],
                    "metric": metric, "nll_max_pairs": str(config["nll_max_pairs"]),
-                   "evaluation": json.dumps(eval_section, sort_keys=True, default=str)}
+                   "evaluation": json.dumps(eval_section, sort_keys=True, default=str),
+                   "benign_lora": json.dumps(config["benign_lora"], sort_keys=True)}
     ctx = SweepContext(run=run, pipeline_run=pipe_run, base_model=base_model, refusal_dir=refusal_dir,
                        directions_path=directions,
                        attack_data=data_section(vanilla.config, list(vanilla.overrides)), refusal_data=refusal_data,
@@ -181,6 +183,7 @@ def _prerequisites(ctx: SweepContext, config: dict[str, Any]) -> None:
     if not (cells_path.exists() and json.loads(cells_path.read_text()).get("fingerprint") == ctx.fingerprint):
         ctx.log("[sweep] step 0: the refusal model's point")
         started = time.time()
+        clear_derived(ctx, step0, None, (), refit=False)
         name = point_name("refusal", 0)
         nll = measure_nll(ctx, {name: ctx.refusal_dir}, step0 / "nll.json")
         evaluated = evaluate_points(ctx, {name: ctx.refusal_dir}, {name}, step0)
@@ -195,7 +198,7 @@ def _prerequisites(ctx: SweepContext, config: dict[str, Any]) -> None:
         arm = Arm(BENIGN_LORA, config=Path(_attack_of(config)), overrides=overrides)
         folder = unit_dir(ctx.run, BENIGN_LORA)
         ctx.log("[sweep] benign LoRA (drift null)")
-        _fit(ctx, arm, (config["seeds"] or [0])[0], folder)
+        _fit(ctx, arm, (config["seeds"] or [0])[0], folder)  # done and unchanged: returns at once
 
 
 def _attack_of(config: dict[str, Any]) -> str:

@@ -26,6 +26,7 @@ from typing import Any
 
 import yaml
 
+from refusal_lightning.checksums import file_sha256
 from refusal_lightning.evaluation.report import OUTCOMES_FILE
 from refusal_lightning.experiment.arms import TRANSFORMS, Arm
 from refusal_lightning.experiment.sweep_plan import SweepError, point_name
@@ -83,7 +84,12 @@ def seeded_config(text: str, out: Path, seed: int, steps: list[int], logger_dir:
     return yaml.safe_dump(cfg, sort_keys=False)
 
 
-def _fit(ctx: SweepContext, arm: Arm, seed: int, folder: Path) -> Path:
+FIT_KEYS = ("refusal_adapter", "directions", "code")  # what of the fingerprint a fit depends on
+
+
+def _fit(ctx: SweepContext, arm: Arm, seed: int, folder: Path) -> tuple[Path, bool]:
+    """The unit's fit (resumed, or redone from scratch when its config, the refusal model or the code
+    changed); its folder, and whether it was (re)trained now."""
     from refusal_lightning.experiment.pipeline import FitStage, _run_fit
 
     out = folder / "fit"
@@ -94,23 +100,41 @@ def _fit(ctx: SweepContext, arm: Arm, seed: int, folder: Path) -> Path:
                  f"--model.projection.directions_path={ctx.directions_path}", *arm.overrides, *ctx.fit_overrides,
                  f"--trainer.max_steps={max(ctx.steps)}"]  # last: a max_steps among the fit overrides cannot cut it
     marker = out / "fit_done.json"
-    record = {"config": text, "overrides": overrides, **ctx.fingerprint}
+    record = {"config": text, "overrides": overrides, **{k: ctx.fingerprint[k] for k in FIT_KEYS}}
     if marker.exists() and json.loads(marker.read_text()) == record:
-        return out
+        return out, False
     config_path = folder / "fit.yaml"
     previous = config_path.read_text() if config_path.exists() else None
-    resume = previous == text and (out / "checkpoints" / "last.ckpt").exists()
+    started = folder / "fit_started.json"
+    resume = (previous == text and (out / "checkpoints" / "last.ckpt").exists() and started.exists()
+              and json.loads(started.read_text()) == record)
     if not resume:
         shutil.rmtree(out, ignore_errors=True)
     folder.mkdir(parents=True, exist_ok=True)
     atomic_write_text(config_path, text)
+    atomic_write_text(started, json.dumps(record, indent=2) + "\n")
     _run_fit(FitStage(folder.name, config_path, out, overrides), resume)
     missing = [s for s in ctx.steps if s > 0 and not (out / STEPS_DIR / str(s) / WEIGHTS_FILE).exists()]
     if missing:
-        raise SweepError(f"{folder.name}: the fit ended without the snapshots of steps {missing} (did max_steps or "
-                           "an override stop it early?)")
+        raise SweepError(f"{folder.name}: the fit ended without the snapshots of steps {missing} (did an "
+                         "override stop it early?)")
     atomic_write_text(marker, json.dumps(record, indent=2) + "\n")
-    return out
+    return out, True
+
+
+def clear_derived(ctx: SweepContext, folder: Path, fit_dir: Path | None, posthoc: tuple[Arm, ...],
+                  refit: bool) -> None:
+    """Forget the unit's post-hoc adapters, NLL and answers when they were made from another fit or other
+    settings than now (the evaluator would otherwise resume answers of a model that no longer exists)."""
+    stamp = folder / "derived_from.json"
+    current = {**ctx.fingerprint, "fit": file_sha256(fit_dir / WEIGHTS_FILE)[:16] if fit_dir else None}
+    if not refit and stamp.exists() and json.loads(stamp.read_text()) == current:
+        return
+    for path in [folder / "eval_points", folder / "eval_last", *(folder / a.name for a in posthoc)]:
+        shutil.rmtree(path, ignore_errors=True)
+    (folder / "nll.json").unlink(missing_ok=True)
+    folder.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(stamp, json.dumps(current, indent=2) + "\n")
 
 
 def _transform(ctx: SweepContext, arm: Arm, snapshot: Path, out: Path) -> None:
@@ -242,7 +266,8 @@ def run_unit(ctx: SweepContext, arm: Arm, seed: int, posthoc: tuple[Arm, ...], f
             return record["cells"]
     timing: dict[str, float] = {}
     started = time.time()
-    fit_dir = _fit(ctx, arm, seed, folder)
+    fit_dir, refit = _fit(ctx, arm, seed, folder)
+    clear_derived(ctx, folder, fit_dir, posthoc, refit)
     timing["fit"] = time.time() - started
     mark = time.time()
     points = unit_points(ctx, arm, posthoc, folder, fit_dir)
