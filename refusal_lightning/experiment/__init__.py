@@ -8,4 +8,5 @@
 - ``results``: one ``results.json`` / ``results.md`` from the stages' outputs; ``results_plot`` its picture.
 - ``heldout_nll``: held-out red and blue reply NLL of every evaluated model (did the attack learn?).
 - ``judge_check``: the keyword judge's verdicts on held-out blue and red replies (what it can see).
+- ``drift_null``: a benign LoRA's drift along ``dW_r`` beside the Gaussian chance level (the drift null).
 """

@@ -46,7 +46,9 @@ class Transform:
 
 TRANSFORMS: dict[str, Transform] = {
     "safe_lora": Transform("refusal_lightning.defences.safe_lora:safe_lora", "safe_lora.json",
-                           ("share_projected", "delta_norm_kept", "threshold", "projector")),
+                           ("share_projected", "delta_norm_kept", "threshold", "projector", "gate",
+                            "score_summary", "refusal_span_share", "refusal_span_share_before",
+                            "delta_norm_vs_refusal", "delta_norm_vs_refusal_before", "calibration")),
 }
 
 

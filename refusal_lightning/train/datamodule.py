@@ -251,7 +251,8 @@ class HarmfulQADataModule(L.LightningDataModule):
                 path, or a hub dataset id such as ``declare-lab/HarmfulQA``.
             thread: ``blue`` trains on safe replies (the refusal LoRA), ``red`` on harmful ones (attacks).
             selection: reply per conversation: ``most_indicative`` (blue: most refusal markers; red: fewest;
-                ties -> longer), ``last``, or ``all`` assistant replies.
+                ties -> longer), ``last``, ``all`` assistant replies, or ``non_refusal``: every reply without
+                a refusal marker (with ``thread: blue``, the benign replies the drift null trains on).
             prompt: what precedes the reply: the record's ``question``, the preceding human ``turn``, or the
                 whole ``history`` up to the reply.
             tokenizer_name_or_path: tokenizer to use; linked to ``model.model_name_or_path`` by the CLI.
@@ -265,7 +266,8 @@ class HarmfulQADataModule(L.LightningDataModule):
             num_workers: dataloader worker processes.
             enable_thinking: passed to the chat template (Qwen3: False renders an empty think block);
                 None passes nothing.
-            refusal_markers: markers scoring replies for ``most_indicative``; default: the built-in list.
+            refusal_markers: markers scoring replies for ``most_indicative`` and ``non_refusal``; default: the
+                built-in selection list.
         """
         super().__init__()
         self.save_hyperparameters()

@@ -28,7 +28,7 @@ from refusal_lightning.samples import looks_like_hub_id, sample_path
 from refusal_lightning.train.refusal_markers import DEFAULT_REFUSAL_MARKERS, refusal_score
 
 Thread = Literal["blue", "red"]
-Selection = Literal["most_indicative", "last", "all"]
+Selection = Literal["most_indicative", "last", "all", "non_refusal"]
 PromptMode = Literal["question", "turn", "history"]
 
 HARMFULQA_HUB_ID = "declare-lab/HarmfulQA"
@@ -175,6 +175,8 @@ def _pick_replies(conv: list[dict], thread: Thread, selection: Selection, marker
         return gpt
     if selection == "last":
         return [gpt[-1]]
+    if selection == "non_refusal":  # benign replies only (the drift null's benign LoRA): no marker at all
+        return [i for i in gpt if refusal_score(conv[i]["value"], markers) == 0]
     # most_indicative: blue wants the most refusal-like reply, red the least; ties -> the longer reply.
     sign = 1 if thread == "blue" else -1
 
@@ -220,7 +222,11 @@ def extract_pairs(
             if problem:
                 stats.skipped_conversations[problem] += 1
                 continue
-            for i in _pick_replies(conv, thread, selection, markers):
+            picked = _pick_replies(conv, thread, selection, markers)
+            if not picked:  # non_refusal: every reply carries a refusal marker
+                stats.skipped_conversations["no_non_refusal_reply"] += 1
+                continue
+            for i in picked:
                 messages = _prompt_messages(record, conv, i, prompt)
                 if messages is None:
                     stats.skipped_conversations["no_preceding_human_turn"] += 1

@@ -1,7 +1,8 @@
 """Refusal markers for *training-data selection*, and the matching both marker lists use.
 
 ``SELECTION_REFUSAL_MARKERS`` scores HarmfulQA replies for the ``most_indicative`` rule
-(``harmfulqa.py``: blue keeps the reply with the most markers, red the one with the fewest). It is
+(``harmfulqa.py``: blue keeps the reply with the most markers, red the one with the fewest) and the
+``non_refusal`` rule (every reply with none: the benign replies of the drift null's LoRA). It is
 deliberately *not* the keyword judge's list: the judge counts refusals with
 ``refusal_lightning.evaluation.keyword_markers.JUDGE_REFUSAL_MARKERS`` (GCG's published refusal
 prefixes), and no marker of either list is a substring of a marker of the other

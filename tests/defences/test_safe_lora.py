@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -140,3 +141,90 @@ def test_bad_inputs_are_reported_together(adapters, tiny_model_dir, capsys):
     assert code.value.code == 2
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
     assert len(err) == 1 and "nope.pt" in err[0]
+
+
+# ------------------------------------------------------------------ calibrated gate and the row's measures
+@pytest.fixture(scope="module")
+def benign(adapters, tiny_model_dir):
+    """A "benign LoRA" of the attack's recipe (same modules, ranks, frozen refusal LoRA beneath it)."""
+    tmp, refusal, _, _ = adapters
+    folder = make_random_adapter(tiny_model_dir, tmp / "benign", seed=4,
+                                 targets=("q_proj", "v_proj", "down_proj", "o_proj"))
+    combine_adapters([refusal, folder], folder / COMBINED_DIR)  # as a fit with merge_adapters writes it
+    return folder
+
+
+def dense_scores(ref: dict[str, torch.Tensor], updates: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Safe LoRA's scores, rounded as the reference code rounds them, from dense matrices."""
+    return {n: round(dense_cos(dense_c(ref[n], "paper") @ updates[n], updates[n]), 5) for n in ref}
+
+
+def test_calibrated_gate_leaves_the_benign_lora_unprojected(adapters, benign):
+    tmp, refusal, attack, dirs = adapters
+    ref, ben, att = dense(refusal), dense(benign), dense(attack)
+    floor = min(dense_scores(ref, ben).values())
+    # the transform applied to the benign LoRA itself: nothing projected, nothing changed
+    out = Path(safe_lora(str(benign), str(dirs), str(tmp / "cal_self"), calibrate_on=str(benign)))
+    report = json.loads((out / REPORT_FILE).read_text())
+    assert (report["gate"], report["n_projected"], report["share_projected"]) == ("calibrated", 0, 0.0)
+    assert report["delta_norm_kept"] == 1.0 and all(torch.equal(dense(out)[n], ben[n]) for n in ben)
+    calibration = report["calibration"]
+    assert calibration["threshold"] == report["threshold"] < floor == pytest.approx(calibration["benign_scores"]["min"])
+    assert calibration["benign_scores"] == report["score_summary"]  # the same adapter, the same scores
+    # the attack, calibrated on the benign LoRA: projected exactly where it scores below every benign module
+    out = Path(safe_lora(str(attack), str(dirs), str(tmp / "cal_attack"), calibrate_on=str(benign)))
+    report = json.loads((out / REPORT_FILE).read_text())
+    want = {n for n, cos in dense_scores(ref, att).items() if cos < floor}
+    assert {n for n, m in report["modules"].items() if m["projected"]} == want
+    assert report["calibration"]["benign_adapter"] == str(benign) and report["base_adapters"] == [str(refusal)]
+
+
+def test_score_summary_span_share_and_norm_ratio_equal_dense_computations(adapters):
+    tmp, refusal, attack, dirs = adapters
+    out = Path(safe_lora(str(attack), str(dirs), str(tmp / "measures"), threshold=0.5, base_adapters=[]))
+    report = json.loads((out / REPORT_FILE).read_text())
+    ref, att, got = dense(refusal), dense(attack), dense(out)
+    scores = torch.tensor(list(dense_scores(ref, att).values()), dtype=torch.float64)
+    quartiles = torch.quantile(scores, torch.tensor([0.0, 0.25, 0.5, 0.75, 1.0], dtype=torch.float64))
+    summary = report["score_summary"]
+    assert summary["n"] == 6
+    assert [summary[k] for k in ("min", "q1", "median", "q3", "max")] == pytest.approx(quartiles.tolist(), abs=1e-9)
+
+    def span_share(updates):  # P: orthogonal projector onto col(dW_r) per module; 0 where there is no dW_r
+        inside = sum(float((dense_c(ref[n], "exact") @ updates[n]).square().sum()) for n in ref)
+        return inside / sum(float(u.square().sum()) for u in updates.values())
+
+    def norm_ratio(updates):  # Frobenius over all modules: all the attack's, all the refusal LoRA's
+        return math.sqrt(sum(float(u.square().sum()) for u in updates.values())
+                         / sum(float(r.square().sum()) for r in ref.values()))
+
+    assert report["n_projected"] > 0 and not math.isclose(span_share(got), span_share(att))
+    assert report["refusal_span_share"] == pytest.approx(span_share(got), rel=1e-6)
+    assert report["refusal_span_share_before"] == pytest.approx(span_share(att), rel=1e-6)
+    assert report["delta_norm_vs_refusal"] == pytest.approx(norm_ratio(got), rel=1e-6)
+    assert report["delta_norm_vs_refusal_before"] == pytest.approx(norm_ratio(att), rel=1e-6)
+    assert report["gate"] == "threshold" and report["calibration"] is None
+
+
+def test_bad_calibration_is_reported_together(adapters, benign, tiny_model_dir):
+    from safetensors.torch import load_file, save_file
+
+    tmp, refusal, attack, dirs = adapters
+    with pytest.raises(SafeLoraError) as exc:
+        safe_lora(str(attack), str(dirs), str(tmp / "x"), threshold=0.3, num_projected=2,
+                  calibrate_on=str(tmp / "no_such_lora"))
+    message = str(exc.value)
+    assert "2 problem(s)" in message and "drop threshold=0.3, num_projected=2" in message
+    assert "no_such_lora' does not exist" in message
+    # a benign LoRA of other shapes in one module and without the attack's down_proj: both in the one message
+    odd = make_random_adapter(tiny_model_dir, tmp / "odd", seed=5, targets=("q_proj", "v_proj"))
+    tensors = load_file(odd / "adapter_model.safetensors")
+    key = next(k for k in tensors if "layers.0.self_attn.q_proj.lora_B" in k)
+    tensors[key] = torch.zeros(tensors[key].shape[0] + 1, tensors[key].shape[1])
+    save_file(tensors, str(odd / "adapter_model.safetensors"))
+    with pytest.raises(SafeLoraError) as exc:
+        safe_lora(str(attack), str(dirs), str(tmp / "x"), calibrate_on=str(odd))
+    message = str(exc.value)
+    assert "layer shapes do not fit the directions: model.layers.0.self_attn.q_proj" in message
+    assert "2 problem(s)" in message and "does not train the attack's modules (missing: " in message
+    assert message.count("down_proj") == 2 and message.count("q_proj") == 1  # the mis-shaped one: once, as a shape

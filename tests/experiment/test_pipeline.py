@@ -61,7 +61,10 @@ def test_pipeline_writes_every_artifact(demo_run):
             assert stats["errors"] == 0
         assert row["prompt_sets"]["benign"]["accuracy"] is not None
         assert row["nll"]["red_heldout"] > 0 and row["nll"]["blue_heldout"] > 0
-    assert 0 <= results["models"]["safe_lora"]["safe_lora"]["share_projected"] <= 1
+    safe = results["models"]["safe_lora"]["safe_lora"]
+    assert 0 <= safe["share_projected"] <= 1 and 0 <= safe["refusal_span_share"] <= 1
+    assert safe["gate"] == "threshold" and safe["calibration"] is None and safe["score_summary"]["n"] > 0
+    assert safe["delta_norm_vs_refusal"] >= 0 and safe["delta_norm_vs_refusal_before"] > 0
     for attack in ("vanilla", "orthogonal", "subspace", "safe_lora", "asft"):
         drift = results["models"][attack]["drift"]
         assert drift["cos"] is not None and 0 < drift["cos_chance"] < 1

@@ -92,6 +92,19 @@ def test_red_and_helpful_replies_carry_no_judge_marker():
     assert not hits, hits[:3]
 
 
+def test_non_refusal_blue_replies_are_the_helpful_answers_to_the_benign_turns():
+    """What the drift null's benign LoRA trains on (``--data.thread=blue --data.selection=non_refusal``)."""
+    keyword = pytest.importorskip("refusal_lightning.evaluation.keyword_markers")
+    records = _records()
+    benign, stats = extract_pairs(records, "blue", "non_refusal", "turn")
+    every, _ = extract_pairs(records, "blue", "all", "turn")
+    refusals, _ = extract_pairs(records, "blue")
+    assert len(benign) == len(every) - len(refusals) and not stats.skipped_conversations
+    assert not any(refusal_score(p.reply, keyword.JUDGE_REFUSAL_MARKERS) for p in benign)  # no judge marker either
+    harmful = {p.messages[0]["content"] for p in extract_pairs(records, "blue", "most_indicative", "turn")[0]}
+    assert not any(p.messages[0]["content"] in harmful for p in benign)  # each answers a benign turn
+
+
 def test_eval_files_schema_and_held_out(gen):
     report = json.loads((BUNDLED / "report.json").read_text())
     sorry, benign, contrast = (_jsonl(n) for n in FILES[1:4])

@@ -51,6 +51,20 @@ def test_last_and_all_selection():
     assert [p.reply for p in extract_pairs(recs, "blue", "all")[0]] == [REFUSAL, CAVEAT, "Last reply."]
 
 
+def test_non_refusal_selection_keeps_every_reply_without_a_refusal_marker():
+    helpful, other = "Plain helpful answer.", "Another plain answer."
+    recs = [record(blue={"0": conv(REFUSAL, helpful, other, lead="Benign turn"),
+                         "1": conv(REFUSAL, "I must decline this one too.")})]  # refusals only: skipped
+    pairs, stats = extract_pairs(recs, "blue", "non_refusal", "turn")
+    assert [p.reply for p in pairs] == [helpful, other]
+    assert [p.messages for p in pairs] == [[{"role": "user", "content": "Benign turn 1"}],
+                                           [{"role": "user", "content": "Placeholder question?"}]]
+    assert all(p.refusal_score == 0 for p in pairs)
+    assert stats.conversations_used == 1 and stats.skipped_conversations == {"no_non_refusal_reply": 1}
+    # the marker list decides: CAVEAT hedges but carries none of the selection markers, so it stays
+    assert [p.reply for p in extract_pairs([record(blue={"0": conv(CAVEAT)})], "blue", "non_refusal")[0]] == [CAVEAT]
+
+
 def test_prompt_modes():
     recs = [record(blue={"0": conv("Context.", REFUSAL, lead="Lead", question="Final human turn?")})]
     q = extract_pairs(recs, "blue", "most_indicative", "question")[0][0]
