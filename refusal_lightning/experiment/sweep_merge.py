@@ -86,19 +86,12 @@ def arm_summary(cells: Sequence[dict], arm: str, prompt_sets: Sequence[str],
     return out
 
 
-def drift_null(run: Path, vanilla_units: Sequence[str]) -> dict[str, float | None] | None:
-    """``{cos_gaussian, cos_benign_lora}``: today's chance level (E|cos| of isotropic Gaussian factors, from
-    vanilla's fit) beside |cos(dW_r, dW_benign)| of the benign LoRA (None without one)."""
-    def stats(name: str) -> dict:
-        path = unit_dir(run, name) / "fit" / "projection_stats.json"
-        return json.loads(path.read_text()) if path.exists() else {}
+def benign_drift_null(run: Path) -> dict[str, float] | None:
+    """``drift_null.drift_null`` of the sweep's benign LoRA, or None when the sweep declares none."""
+    from refusal_lightning.experiment.drift_null import drift_null
 
-    benign = stats(BENIGN_LORA)
-    if not benign:
-        return None
-    gaussian = next((stats(n).get("drift/cos_chance") for n in vanilla_units if stats(n)), None)
-    cos = benign.get("drift/cos")
-    return {"cos_gaussian": gaussian, "cos_benign_lora": abs(cos) if cos is not None else None}
+    folder = unit_dir(run, BENIGN_LORA) / "fit"
+    return drift_null(folder) if folder.is_dir() else None
 
 
 def agreement(step0: dict, pipeline_results: Mapping[str, Any]) -> dict[str, dict]:
@@ -132,7 +125,7 @@ def merge_units(ctx: SweepContext, arms: list[Arm], units: list, seeds: list[int
         "prompt_sets": prompt_sets, "replicates": replicates, "arms": summaries, "cells": cells,
         "agreement_step0": agreement(step0, pipeline_results), "timing_s": timing,
         "units": {n: r.get("timing_s", {}) for n, r in records.items()}},
-        "drift_null": drift_null(ctx.run, [u.name for u in units if u.arm.name == REFERENCE_ARM])}
+        "drift_null": benign_drift_null(ctx.run) if config["benign_lora"] else None}
     ctx.run.mkdir(parents=True, exist_ok=True)
     atomic_write_text(ctx.run / "results.json", json.dumps(record, indent=1) + "\n")
     table = sweep_table(record)

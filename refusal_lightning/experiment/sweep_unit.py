@@ -231,8 +231,9 @@ def item_key(row: Mapping[str, Any]) -> str:
 
 
 def make_cell(arm: str, seed: int, step: int, metric: str, evaluated: Mapping[str, Any], nll: Mapping[str, Any],
-              drift: float | None) -> dict[str, Any]:
-    """One ``sweep.cells`` entry (the contract in the README, "The sweep")."""
+              drift: float | None, report: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """One ``sweep.cells`` entry (the contract in the README, "The sweep"); ``report``: a post-hoc arm's
+    report keys at this point (Safe LoRA: share projected, score distribution, refusal-span share, norms)."""
     outcomes = evaluated.get("outcomes", {})
     cell = {"arm": arm, "seed": seed, "step": step, "metric": metric,
             "refusal": {s: sum(o.values()) / len(o) for s, o in outcomes.items() if o},
@@ -240,7 +241,19 @@ def make_cell(arm: str, seed: int, step: int, metric: str, evaluated: Mapping[st
             "nll": {k: nll[k] for k in ("red_heldout", "blue_heldout")}}
     if drift is not None:
         cell["drift"] = drift
+    if report:
+        cell["transform"] = dict(report)
     return cell
+
+
+def transform_report(arm: Arm, folder: Path) -> dict[str, Any] | None:
+    """The report keys of a post-hoc arm's point (None for a fit arm)."""
+    if arm.is_fit:
+        return None
+    spec = TRANSFORMS[arm.transform or ""]
+    path = folder / spec.report
+    report = json.loads(path.read_text()) if path.exists() else {}
+    return {k: report.get(k) for k in spec.report_keys}
 
 
 def point_drift(folder: Path) -> float | None:
@@ -280,7 +293,9 @@ def run_unit(ctx: SweepContext, arm: Arm, seed: int, posthoc: tuple[Arm, ...], f
     last = {name for name, (_, step, _) in points.items() if step == max(ctx.steps)}
     evaluated = evaluate_points(ctx, adapters, last, folder)
     timing["evaluate"] = time.time() - mark
-    cells = [make_cell(name_arm, seed, step, ctx.metric, evaluated.get(name, {}), nll[name], point_drift(path))
+    by_name = {a.name: a for a in (arm, *posthoc)}
+    cells = [make_cell(name_arm, seed, step, ctx.metric, evaluated.get(name, {}), nll[name], point_drift(path),
+                       transform_report(by_name[name_arm], path))
              for name, (name_arm, step, path) in points.items()]
     atomic_write_text(cells_path, json.dumps({"unit": folder.name, "fingerprint": ctx.fingerprint,
                                               "timing_s": {k: round(v, 1) for k, v in timing.items()},

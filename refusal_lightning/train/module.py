@@ -98,6 +98,10 @@ def stack_frozen_adapters(base: torch.nn.Module, frozen: list[str], config: Any)
     return model
 
 
+class TrajectoryStepsError(ValueError):
+    """``model.trajectory_steps`` names a step that cannot be exported."""
+
+
 class RefusalLoRAModule(L.LightningModule):
     """Causal-LM LoRA fine-tuning on chat pairs, with optional refusal-direction projection."""
 
@@ -172,7 +176,7 @@ class RefusalLoRAModule(L.LightningModule):
         self.retain = retain
         self.model_name_or_path = model_name_or_path
         if any(step < 1 for step in trajectory_steps or []):
-            raise ValueError(f"trajectory_steps are optimizer steps >= 1 (step 0 is the starting model), got "
+            raise TrajectoryStepsError(f"trajectory_steps are optimizer steps >= 1 (step 0 is the starting model), got "
                              f"{trajectory_steps}")
         self.trajectory_steps = frozenset(trajectory_steps or [])
         self.retain_batches: RetainBatches | None = None  # built at fit start (needs the datamodule's tokenizer)

@@ -16,7 +16,7 @@ from refusal_lightning.experiment.arms import parse_arms
 from refusal_lightning.experiment.sweep_plan import SweepConfigError, parse_shard, plan_units, shard_units
 
 SEEDS, STEPS = [0, 1], [0, 3, 6]
-ARMS = ["vanilla", "orthogonal", "safe_lora"]
+ARMS = ["vanilla", "orthogonal", "safe_lora", "safe_lora_calibrated"]
 RANDOM_MARKERS = ["is", "al", "three"]
 
 
@@ -82,7 +82,7 @@ def test_arms_report_gain_final_and_mcnemar(swept):
     _, record = swept
     arms = record["sweep"]["arms"]
     assert set(arms) == set(ARMS)
-    for arm in ("orthogonal", "safe_lora"):
+    for arm in ("orthogonal", "safe_lora", "safe_lora_calibrated"):
         for prompt_set in ("sorry_bench", "harmfulqa_heldout"):
             gain = arms[arm]["gain_at_matched_nll"][prompt_set]
             assert set(gain) == {"mean", "ci_low", "ci_high", "n_points", "n_outside"}
@@ -91,6 +91,20 @@ def test_arms_report_gain_final_and_mcnemar(swept):
             assert 0 <= final["mean"] <= 1 and final["seed_sd"] is not None
             assert 0 <= arms[arm]["p_vs_vanilla"][prompt_set] <= 1
     assert arms["vanilla"]["gain_at_matched_nll"] == {}  # the frontier is not scored against itself
+
+
+def test_controls_drift_null_and_safe_lora_reports(swept):
+    _, record = swept
+    null = record["drift_null"]
+    assert set(null) == {"cos_gaussian", "cos_benign_lora"} and 0 <= null["cos_benign_lora"] <= 1
+    last = {c["arm"]: c for c in record["sweep"]["cells"] if c["seed"] == 0 and c["step"] == STEPS[-1]}
+    for arm in ("safe_lora", "safe_lora_calibrated"):
+        report = last[arm]["transform"]
+        assert {"share_projected", "score_summary", "refusal_span_share", "delta_norm_vs_refusal"} <= set(report)
+    assert last["safe_lora_calibrated"]["transform"]["gate"] == "calibrated"
+    # calibrated on the benign LoRA: it projects no more modules than the reference threshold does
+    assert last["safe_lora_calibrated"]["transform"]["share_projected"] <= last["safe_lora"]["transform"][
+        "share_projected"]
 
 
 def _pava(points):
