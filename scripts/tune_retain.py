@@ -125,9 +125,10 @@ def main(argv: list[str] | None = None) -> None:
     from refusal_lightning.serving.process import ServerProcess
 
     eval_dir = args.out / "eval"
-    with ServerProcess(args.base_model, {s: str(p) for s, p in models.items()}, args.out / "serve.log",
+    served = {s: p.name for s, p in models.items()}  # a setting may hold '=' and '/': its folder's name cannot
+    with ServerProcess(args.base_model, {served[s]: str(p) for s, p in models.items()}, args.out / "serve.log",
                        max_batch_size=128) as server:
-        endpoints = [f"base={server.url}#base", *(f"{s}={server.url}#{s}" for s in models)]
+        endpoints = [f"base={server.url}#base", *(f"{served[s]}={server.url}#{served[s]}" for s in models)]
         summary = evaluate(endpoint=endpoints, output_dir=str(eval_dir),
                            prompts=str(PROXY / "validation_sorry_proxy.jsonl"), benign_prompts=str(benign),
                            judge=JudgeSettings("keyword"),
@@ -140,10 +141,11 @@ def main(argv: list[str] | None = None) -> None:
         if row["prompt_set"] == "benign" and int(str(row["question_id"]).rsplit("-", 1)[-1]) in twin_ids:
             twin_labels.setdefault(row["endpoint"], []).append(row["label"] == "refusal")
     rows = []
-    for name in ["base", *models]:
+    for setting in ["base", *models]:
+        name = served.get(setting, setting)
         sets = summary["endpoints"][name]["prompt_sets"]
         twins = twin_labels[name]
-        rows.append({"model": name, "refusal": sets["sorry_bench"]["refusal_rate"],
+        rows.append({"model": setting, "refusal": sets["sorry_bench"]["refusal_rate"],
                      "refusal_ci": [sets["sorry_bench"]["ci_low"], sets["sorry_bench"]["ci_high"]],
                      "twin_refusal": sum(twins) / len(twins),
                      "twin_ci": list(wilson_interval(sum(twins), len(twins))), "twins": len(twins),
