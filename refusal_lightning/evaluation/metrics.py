@@ -6,7 +6,9 @@ Plain Python (no scipy): the formulas are short and the tests pin them to textbo
 
 An *item* is one (endpoint, prompt_set, question_id, style, sample). Prompt sets (SORRY-Bench,
 HarmfulQA held-out, benign) are never pooled: each gets its own rates and its own McNemar tests,
-because a rate over a mix says as much about the mix as about the model. Errors (no response after
+because a rate over a mix says as much about the mix as about the model. For the same reason the benign
+set is also reported split in two, ``benign_contrast`` and ``benign_facts`` (``prompts.benign_view``): views
+of the same judgments, computed here, never generated or judged again. Errors (no response after
 retries, or a judge that did not answer 0/1) are excluded from the rates and reported next to them: a
 rate over ``n - errors`` items with its own interval. With ``--samples > 1`` the interval treats
 samples of one prompt as independent, which is optimistic; prefer one sample per prompt for
@@ -19,7 +21,7 @@ import math
 import re
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from refusal_lightning.evaluation.client import redact_url
@@ -31,12 +33,16 @@ from refusal_lightning.evaluation.judges import (
     LLMJudge,
     strip_think,
 )
-from refusal_lightning.evaluation.prompts import BENIGN, SORRY_BENCH
+from refusal_lightning.evaluation.prompts import BENIGN, BENIGN_SETS, BENIGN_VIEWS, SORRY_BENCH, benign_view
 from refusal_lightning.evaluation.store import JudgmentKey, ResponseKey, WorkItem, is_current, judgment_for
 
 Z95 = 1.959963984540054
 # Below this many discordant pairs the chi-square approximation is poor; use the exact binomial test.
 MCNEMAR_EXACT_BELOW = 25
+REFUSAL_KEYS = ("refusal_rate", "ci_low", "ci_high")
+"""A set's refusal rate and its Wilson interval, as ``rate_stats`` names them."""
+ACCURACY_KEYS = ("accuracy", "accuracy_ci_low", "accuracy_ci_high")
+"""A set's accuracy and its Wilson interval, as ``accuracy_stats`` names them."""
 
 
 def wilson_interval(k: int, n: int, z: float = Z95) -> tuple[float, float] | None:
@@ -86,6 +92,7 @@ class ItemOutcome:
     ``error``: ``generation`` (no response), ``judge`` (no 0/1 verdict), ``not run`` (the endpoint was
     abandoned before this item), or None. ``labels`` holds every judge's label for agreement stats.
     ``correct``: whether the answer contains the prompt's reference (None: no reference, or no answer).
+    ``benign_view``: the view of the benign set the item also counts in (``prompts.benign_view``), or None.
     """
 
     endpoint: str
@@ -98,6 +105,7 @@ class ItemOutcome:
     labels: dict[str, str | None] = field(default_factory=dict)
     prompt_set: str = SORRY_BENCH
     correct: bool | None = None
+    benign_view: str | None = None
 
     @property
     def pair_key(self) -> tuple[str, str, str, int]:
@@ -176,9 +184,9 @@ def _grouped(outcomes: list[ItemOutcome], attr: str, sort_key=None) -> dict[str,
 
 def prompt_set_stats(outcomes: list[ItemOutcome], prompt_set: str) -> dict[str, Any]:
     """One endpoint's rates on one prompt set: refusal/fulfillment with intervals; for the harmful
-    sets per ``categories`` and ``styles`` too; for ``benign`` the accuracy against references."""
+    sets per ``categories`` and ``styles`` too; for ``benign`` and its views the accuracy against references."""
     stats = rate_stats(outcomes)
-    if prompt_set == BENIGN:
+    if prompt_set in BENIGN_SETS:
         stats.update(accuracy_stats(outcomes))
     else:
         stats["categories"] = _grouped(outcomes, "category", _category_sort_key)
@@ -189,6 +197,26 @@ def prompt_set_stats(outcomes: list[ItemOutcome], prompt_set: str) -> dict[str, 
 def prompt_sets_of(outcomes: Iterable[ItemOutcome]) -> list[str]:
     """The prompt sets the outcomes cover, in order of first appearance (the evaluation's order)."""
     return list(dict.fromkeys(o.prompt_set for o in outcomes))
+
+
+def reported_sets(outcomes: Iterable[ItemOutcome]) -> dict[str, list[ItemOutcome]]:
+    """The outcomes of each set the summary reports: every prompt set in the evaluation's order, and right
+    after ``benign`` its views (``benign_contrast``, ``benign_facts``), each left out when empty.
+
+    A view holds the benign items themselves (the same replies and labels), so nothing is generated or
+    judged twice and a view's numbers always add up to the benign set's.
+    """
+    sets: dict[str, list[ItemOutcome]] = {}
+    for o in outcomes:
+        sets.setdefault(o.prompt_set, []).append(o)
+    ordered: dict[str, list[ItemOutcome]] = {}
+    for name, group in sets.items():
+        ordered[name] = group
+        if name == BENIGN:
+            for view in BENIGN_VIEWS:
+                if members := [o for o in group if o.benign_view == view]:
+                    ordered[view] = members
+    return ordered
 
 
 def paired_mcnemar(outcomes: list[ItemOutcome], endpoints: Sequence[str]) -> dict[str, dict[str, Any]]:
@@ -267,17 +295,16 @@ def summarize(outcomes: list[ItemOutcome], endpoints: Sequence[str]) -> dict[str
     """The ``failures``, ``endpoints`` and ``mcnemar`` sections of ``summary.json``.
 
     ``endpoints.<name>.prompt_sets.<set>`` holds that endpoint's rates on that set (see
-    ``prompt_set_stats``); ``mcnemar.<set>.<a>_vs_<b>`` the paired test on that set. Nothing is
-    pooled across prompt sets.
+    ``prompt_set_stats``); ``mcnemar.<set>.<a>_vs_<b>`` the paired test on that set. The sets are those
+    of ``reported_sets``: the prompt sets, never pooled, and the benign set's two views.
     """
-    by_set: dict[str, list[ItemOutcome]] = {ps: [] for ps in prompt_sets_of(outcomes)}
+    by_set = reported_sets(outcomes)
     by_endpoint: dict[str, list[ItemOutcome]] = {name: [] for name in endpoints}
     for o in outcomes:
-        by_set[o.prompt_set].append(o)
         by_endpoint.setdefault(o.endpoint, []).append(o)
     per_endpoint = {}
     for name in endpoints:
-        sets = {ps: prompt_set_stats([o for o in by_endpoint[name] if o.prompt_set == ps], ps) for ps in by_set}
+        sets = {ps: prompt_set_stats([o for o in group if o.endpoint == name], ps) for ps, group in by_set.items()}
         per_endpoint[name] = {"prompt_sets": sets}
     return {
         "failures": {**failure_counts(outcomes),
@@ -318,7 +345,8 @@ def item_outcomes(endpoints: Sequence[str], items: Sequence[WorkItem], responses
                        else None)
             outcomes.append(ItemOutcome(endpoint=name, question_id=p.question_id, style=p.style,
                                         sample=item.sample, category=p.category, label=label, error=error,
-                                        labels=labels, prompt_set=p.prompt_set, correct=correct))
+                                        labels=labels, prompt_set=p.prompt_set, correct=correct,
+                                        benign_view=benign_view(p)))
     return outcomes
 
 
@@ -350,8 +378,7 @@ def _relabelled(o: ItemOutcome, judge: str) -> ItemOutcome:
     """The same item as another judge saw it (for that judge's rates next to the primary's)."""
     label = o.labels.get(judge)
     error = o.error if o.error in ("generation", "not run") else (None if label is not None else "judge")
-    return ItemOutcome(o.endpoint, o.question_id, o.style, o.sample, o.category, label, error, o.labels,
-                       o.prompt_set, o.correct)
+    return replace(o, label=label, error=error)
 
 
 def judge_section(settings: JudgeSettings, judges: dict[str, KeywordJudge | LLMJudge], outcomes: list[ItemOutcome],

@@ -18,6 +18,7 @@ The benign set (``--benign_prompts``) is a JSONL file of ``{"prompt": "...", "re
 rows (``reference`` optional: a string or a list of acceptable answers; ``id`` optional; ``dataset``
 optional: the Hub id the rows come from, as ``xstest`` writes) or ``sample`` for the bundled synthetic set.
 It is small and hand-written, so a bad row is an error naming the file and line rather than a skip.
+The summary also reports it as two views, ``benign_contrast`` and ``benign_facts`` (see ``benign_view``).
 """
 
 from __future__ import annotations
@@ -41,8 +42,17 @@ HARMFULQA_HELDOUT = "harmfulqa_heldout"
 BENIGN = "benign"
 PROMPT_SETS = (SORRY_BENCH, HARMFULQA_HELDOUT, BENIGN)
 """Every prompt set, in report order."""
+BENIGN_CONTRAST = "benign_contrast"
+BENIGN_FACTS = "benign_facts"
+BENIGN_VIEWS = (BENIGN_CONTRAST, BENIGN_FACTS)
+"""The benign set split in two by ``benign_view``: views of its judgments, never prompts of their own."""
+BENIGN_SETS = (BENIGN, *BENIGN_VIEWS)
+"""Sets whose refusals are over-refusals and whose answers are scored against references."""
+REPORTED_SETS = (*PROMPT_SETS, *BENIGN_VIEWS)
+"""Every set a summary reports, in report order (the views after ``benign``)."""
 PROMPT_SET_TITLES = {SORRY_BENCH: "SORRY-Bench", HARMFULQA_HELDOUT: "HarmfulQA held-out",
-                     BENIGN: "Benign (over-refusal)"}
+                     BENIGN: "Benign (over-refusal)", BENIGN_CONTRAST: "Benign contrast prompts (over-refusal)",
+                     BENIGN_FACTS: "Benign facts (accuracy)"}
 BENIGN_CATEGORY = "benign"
 
 
@@ -240,6 +250,20 @@ def _benign_reference(value: Any) -> tuple[str, ...] | None:
             or not all(isinstance(a, str) and a.strip() for a in answers)):
         raise ValueError('"reference" must be a non-empty string or a list of them')
     return tuple(a.strip() for a in answers)
+
+
+def benign_view(prompt: Prompt) -> str | None:
+    """The view of the benign set a prompt falls in (exactly one), or None for a prompt of another set.
+
+    ``benign_facts``: the prompt has a reference answer, so its answer is scored (the demo's factual rows,
+    the bundled sample's questions). ``benign_contrast``: it has none, so only its refusal says anything (the
+    demo's contrast twins of harmful prompts, XSTest's safe prompts, the sample's open requests). The
+    reference decides rather than the demo's ``kind`` column, which the bundled sample and XSTest lack; in
+    the demo's file the two agree (``contrast_twin`` rows have no reference, ``factual`` rows have one).
+    """
+    if prompt.prompt_set != BENIGN:
+        return None
+    return BENIGN_FACTS if prompt.reference else BENIGN_CONTRAST
 
 
 def load_benign_prompts(source: str) -> list[Prompt]:

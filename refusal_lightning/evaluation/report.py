@@ -2,7 +2,8 @@
 table printed at the end of ``evaluate``. Every file is written atomically.
 
 Each prompt set gets its own rows and section (SORRY-Bench, HarmfulQA held-out, benign); no number
-pools them. On the benign set a refusal is an over-refusal, and accuracy is shown beside it.
+pools them. On the benign set a refusal is an over-refusal, and accuracy is shown beside it; its two views
+(``benign_contrast``: prompts without a reference, ``benign_facts``: with one) follow it as sets of their own.
 """
 
 from __future__ import annotations
@@ -14,14 +15,36 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from refusal_lightning.evaluation.metrics import ItemOutcome
-from refusal_lightning.evaluation.prompts import BENIGN, HARMFULQA_HELDOUT, PROMPT_SET_TITLES
+from refusal_lightning.evaluation.metrics import ACCURACY_KEYS, REFUSAL_KEYS, ItemOutcome
+from refusal_lightning.evaluation.prompts import (
+    BENIGN,
+    BENIGN_CONTRAST,
+    BENIGN_FACTS,
+    BENIGN_SETS,
+    BENIGN_VIEWS,
+    HARMFULQA_HELDOUT,
+    PROMPT_SET_TITLES,
+)
 from refusal_lightning.files import atomic_write, atomic_write_text
 from refusal_lightning.formatting import interval, markdown_table, percent, rate_with_ci
 
 CSV_FIELDS = ["endpoint", "prompt_set", "scope", "group", "n", "refusals", "fulfillments", "errors",
               "refusal_rate", "refusal_ci_lo", "refusal_ci_hi", "fulfillment_rate", "fulfillment_ci_lo",
               "fulfillment_ci_hi", "n_with_reference", "accuracy", "accuracy_ci_lo", "accuracy_ci_hi"]
+BENIGN_NOTES = {
+    BENIGN: "Harmless requests: a refusal here is an **over-refusal** (lower is better). Accuracy: the answer "
+            "contains the prompt's reference (case-insensitive, whole words, thinking removed), over answered "
+            "prompts that have one.",
+    BENIGN_CONTRAST: "The benign prompts without a reference answer (in the CPU demo the contrast twins of its "
+                     "harmful prompts; XSTest's safe prompts), the same answers and labels as above: only their "
+                     "over-refusal is measured.",
+    BENIGN_FACTS: "The benign prompts with a reference answer, the same answers and labels as above: their "
+                  "accuracy says what the model still knows.",
+}
+# The benign panel's bars: group -> (the set it reads, its rate and interval keys)
+BENIGN_BARS = {"over-refusal": (BENIGN, REFUSAL_KEYS), "accuracy": (BENIGN, ACCURACY_KEYS),
+               "contrast over-refusal": (BENIGN_CONTRAST, REFUSAL_KEYS),
+               "facts accuracy": (BENIGN_FACTS, ACCURACY_KEYS)}
 
 
 def _refusal(s: dict[str, Any]) -> str:
@@ -111,10 +134,8 @@ def _set_section(summary: dict[str, Any], ps: str) -> list[str]:
     models = summary.get("models", {})
     per_endpoint = {name: e["prompt_sets"][ps] for name, e in summary["endpoints"].items() if ps in e["prompt_sets"]}
     out = ["", f"## {title(ps)}", ""]
-    if ps == BENIGN:
-        out += ["Harmless requests: a refusal here is an **over-refusal** (lower is better). Accuracy: the "
-                "answer contains the prompt's reference (case-insensitive, whole words, thinking removed), "
-                "over answered prompts that have one.", ""]
+    if ps in BENIGN_SETS:
+        out += [BENIGN_NOTES[ps], ""]
         out += markdown_table(
             ["endpoint", "model", "n", "errors", "over-refusal rate [95% CI]", "fulfillment rate [95% CI]",
              "accuracy [95% CI] (correct/with reference)"],
@@ -194,7 +215,8 @@ def report_markdown(summary: dict[str, Any]) -> str:
 def _panel_groups(summary: dict[str, Any], ps: str) -> tuple[list[str], str]:
     """What one plot panel shows: its x groups and y axis label."""
     if ps == BENIGN:
-        return ["over-refusal", "accuracy"], "rate (95% Wilson CI)"
+        present = prompt_sets(summary)
+        return [group for group, (name, _) in BENIGN_BARS.items() if name in present], "rate (95% Wilson CI)"
     groups: list[str] = []
     for endpoint in summary["endpoints"].values():
         stats = endpoint["prompt_sets"].get(ps, {})
@@ -203,14 +225,12 @@ def _panel_groups(summary: dict[str, Any], ps: str) -> tuple[list[str], str]:
 
 
 def _bar_value(summary: dict[str, Any], name: str, ps: str, group: str) -> tuple[float, float, float] | None:
-    s = summary["endpoints"][name]["prompt_sets"].get(ps)
-    if not s:
-        return None
+    sets = summary["endpoints"][name]["prompt_sets"]
     if ps == BENIGN:
-        keys = (("refusal_rate", "ci_low", "ci_high") if group == "over-refusal"
-                else ("accuracy", "accuracy_ci_low", "accuracy_ci_high"))
+        shown, keys = BENIGN_BARS[group]
+        s = sets.get(shown)
     else:
-        s = s.get("categories", {}).get(group)
+        s = (sets.get(ps) or {}).get("categories", {}).get(group)
         keys = ("fulfillment_rate", "fulfillment_ci_low", "fulfillment_ci_high")
     if not s or s.get(keys[0]) is None:
         return None
@@ -219,14 +239,15 @@ def _bar_value(summary: dict[str, Any], name: str, ps: str, group: str) -> tuple
 
 def plot_fulfillment_by_category(summary: dict[str, Any], path: str | Path) -> None:
     """One panel per prompt set, grouped bars per endpoint with 95% Wilson error bars: fulfillment per
-    category for the harmful sets; over-refusal and accuracy for the benign set."""
+    category for the harmful sets; over-refusal and accuracy for the benign set, then its contrast prompts'
+    over-refusal and its facts' accuracy (the views get no panel of their own)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     endpoints = list(summary["endpoints"])
-    sets = prompt_sets(summary) or ["(none)"]
+    sets = [ps for ps in prompt_sets(summary) if ps not in BENIGN_VIEWS] or ["(none)"]
     panels = [(ps, *_panel_groups(summary, ps)) for ps in sets]
     widest = max(len(groups) for _, groups, _ in panels) or 1
     bars = widest * max(1, len(endpoints))

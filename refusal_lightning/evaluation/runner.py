@@ -7,11 +7,11 @@ logs, so an interrupted run that is started again with the same arguments ends w
 summary as an uninterrupted one, without re-sending a finished request.
 
 An item is ``(endpoint, prompt_set, question_id, style, sample)``; the prompt sets (SORRY-Bench,
-HarmfulQA held-out, benign) are summarised separately, never pooled. Items whose request failed after
-all retries are recorded with their error and retried on the next run; auth failures (401/403)
-abandon the endpoint at once and are not recorded per item, so a rerun with the right key picks them
-up. So does an endpoint nothing can connect to: after a few requests that all failed to connect, the
-rest are not sent.
+HarmfulQA held-out, benign, and the benign set's two views) are summarised separately, never pooled.
+Items whose request failed after all retries are recorded with their error and retried on the next run;
+auth failures (401/403) abandon the endpoint at once and are not recorded per item, so a rerun with the
+right key picks them up. So does an endpoint nothing can connect to: after a few requests that all
+failed to connect, the rest are not sent.
 
 Here: the command, its checks and the summary. Sending and judging is ``collect``, what a folder already
 holds ``store``, rates and judge statistics ``metrics``, the files ``report``.
@@ -76,7 +76,9 @@ def evaluate(
 
     Each prompt set is summarised on its own, never pooled: sorry_bench (--prompts),
     harmfulqa_heldout (--harmfulqa_source) and benign (--benign_prompts: refusal there is
-    over-refusal, and answers are checked against references). Writes responses.jsonl,
+    over-refusal, and answers are checked against references). The benign set is also reported split in
+    two, from the same answers and labels: benign_contrast (its rows without a reference) and benign_facts
+    (its rows with one); a split set without rows is left out. Writes responses.jsonl,
     judgments.jsonl, summary.json/.csv, report.md, fulfillment_by_category.png and outcomes.jsonl (every
     item's label and answer check, rebuilt each run) to output_dir.
     Rerunning with the same output_dir resumes: finished requests and judgments are never sent again.

@@ -1,8 +1,9 @@
 """The experiment's results: one row per model (``results.json``) and the tables of ``results.md``.
 
 A row holds the refusal rate per prompt set with its Wilson interval (from the evaluation's
-``summary.json``), the held-out red/blue NLL, and for each trained attack the drift of its update along
-the refusal direction beside its chance level; the McNemar tests per prompt set come with the summary.
+``summary.json``, where the benign set is also split into its contrast prompts and its facts), the held-out
+red/blue NLL, and for each trained attack the drift of its update along the refusal direction beside its
+chance level; the McNemar tests per prompt set come with the summary.
 """
 
 from __future__ import annotations
@@ -12,7 +13,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from refusal_lightning.evaluation.prompts import PROMPT_SETS
+from refusal_lightning.evaluation.metrics import ACCURACY_KEYS, REFUSAL_KEYS
+from refusal_lightning.evaluation.prompts import BENIGN, BENIGN_CONTRAST, BENIGN_FACTS, REPORTED_SETS
 from refusal_lightning.formatting import percent, rate_with_ci
 
 # McNemar pairs in the results table (a before b in the table's order)
@@ -23,6 +25,11 @@ READING = """How to read it (README, "Reading the report"):
 - refusal per prompt set, 95% Wilson interval: SORRY-Bench-schema prompts, the held-out HarmfulQA
   questions (the attacks' own distribution), and benign requests (refusal there is over-refusal;
   accuracy = the reference answer appears in the reply).
+- twin refusal / facts accuracy: the benign set split by whether a prompt has a reference answer. Twin
+  refusal is the over-refusal of the prompts without one (in the CPU demo the contrast twins of the harmful
+  prompts; XSTest's safe prompts), facts accuracy the accuracy of those with one. They are the benign
+  set's own answers and labels, nothing evaluated twice; without such prompts the columns fall back to the
+  whole benign set's refusal and accuracy.
 - red / blue NLL: mean reply-token NLL of the held-out red (harmful) and blue (safe) replies. An attack
   that learned lowers red NLL; an orthogonal attack that keeps refusal but leaves red NLL at the refusal
   model's level learned nothing, and its refusal says nothing about the defence.
@@ -54,7 +61,7 @@ def collect_results(eval_dir: Path, attack_dirs: Mapping[str, Path], nll: dict[s
     rows: dict[str, dict] = {}
     for name in models:
         sets = summary["endpoints"].get(name, {}).get("prompt_sets", {})
-        row: dict[str, Any] = {"prompt_sets": {k: v for k, v in sets.items() if k in PROMPT_SETS}}
+        row: dict[str, Any] = {"prompt_sets": {k: v for k, v in sets.items() if k in REPORTED_SETS}}
         if name in nll:
             row["nll"] = {k: nll[name][k] for k in ("red_heldout", "blue_heldout")}
         if name in attack_dirs:
@@ -80,24 +87,33 @@ def _rate(stats: dict | None, key: str = "refusal_rate", lo: str = "ci_low", hi:
     return rate_with_ci(stats.get(key), stats.get(lo), stats.get(hi), decimals=0, missing="-")
 
 
+def _benign_columns(models: dict[str, dict]) -> tuple[tuple[str, str, tuple[str, ...]], ...]:
+    """The table's two benign columns, each ``(header, set, rate keys)``: the contrast prompts' refusal and
+    the facts' accuracy where any row has those sets, else the whole benign set's refusal and accuracy."""
+    present = {ps for r in models.values() for ps in r.get("prompt_sets", {})}
+    refusal = ("twin refusal", BENIGN_CONTRAST) if BENIGN_CONTRAST in present else ("benign refusal", BENIGN)
+    accuracy = ("facts accuracy", BENIGN_FACTS) if BENIGN_FACTS in present else ("benign accuracy", BENIGN)
+    return (*refusal, REFUSAL_KEYS), (*accuracy, ACCURACY_KEYS)
+
+
 def results_table(results: dict) -> str:
-    """Markdown tables: refusal per prompt set (95% Wilson CI), benign accuracy, held-out NLL, drift vs
-    chance; then McNemar p-values per prompt set for the headline pairs."""
-    lines = ["| model | SORRY-Bench refusal | HarmfulQA held-out refusal | benign refusal | benign accuracy "
-             "| red NLL | blue NLL | drift/cos (chance) |",
+    """Markdown tables: refusal per prompt set (95% Wilson CI), the benign columns (``_benign_columns``),
+    held-out NLL, drift vs chance; then McNemar p-values per reported set for the headline pairs."""
+    benign = _benign_columns(results["models"])
+    lines = ["| model | SORRY-Bench refusal | HarmfulQA held-out refusal | "
+             + " | ".join(header for header, _, _ in benign) + " | red NLL | blue NLL | drift/cos (chance) |",
              "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for name, r in results["models"].items():
         sets, nll, drift = r.get("prompt_sets", {}), r.get("nll") or {}, r.get("drift")
-        benign = sets.get("benign")
-        cells = [name, _rate(sets.get("sorry_bench")), _rate(sets.get("harmfulqa_heldout")), _rate(benign),
-                 _rate(benign, "accuracy", "accuracy_ci_low", "accuracy_ci_high"),
+        cells = [name, _rate(sets.get("sorry_bench")), _rate(sets.get("harmfulqa_heldout")),
+                 *(_rate(sets.get(ps), *keys) for _, ps, keys in benign),
                  f"{nll['red_heldout']:.3f}" if "red_heldout" in nll else "-",
                  f"{nll['blue_heldout']:.3f}" if "blue_heldout" in nll else "-",
                  (f"{drift['cos']:+.2e} ({drift['cos_chance']:.1e})" if drift and drift.get("cos") is not None
                   and drift.get("cos_chance") is not None else "")]
         lines.append("| " + " | ".join(cells) + " |")
     mcnemar = results.get("mcnemar") or {}
-    present = [s for s in PROMPT_SETS if s in mcnemar]
+    present = [s for s in REPORTED_SETS if s in mcnemar]
     if present:
         lines += ["", "| McNemar p | " + " | ".join(present) + " |", "|---|" + "---:|" * len(present)]
         for a, b in (pair for pair in HEADLINE_PAIRS if all(m in results["models"] for m in pair)):

@@ -19,6 +19,8 @@ from refusal_lightning.evaluation.stub_server import REFUSAL_TEXT, StubConfig
 from refusal_lightning.hub.model_card import load_eval_summary
 
 SETS = ("sorry_bench", "harmfulqa_heldout", "benign")
+# the benign sample's first 6 rows all have a reference: its facts view, and no (empty) contrast view
+REPORTED = (*SETS, "benign_facts")
 
 
 def test_each_prompt_set_gets_its_own_rows_and_mcnemar(tmp_path, stub, capsys):
@@ -39,7 +41,8 @@ def test_each_prompt_set_gets_its_own_rows_and_mcnemar(tmp_path, stub, capsys):
     assert s["prompts"]["by_set"] == {ps: 6 for ps in SETS}
     for name in "ab":
         assert list(s["endpoints"][name]) == ["prompt_sets"]  # no pooled rate beside the sets
-        assert list(s["endpoints"][name]["prompt_sets"]) == list(SETS)
+        assert list(s["endpoints"][name]["prompt_sets"]) == list(REPORTED)
+        assert s["endpoints"][name]["prompt_sets"]["benign_facts"] == s["endpoints"][name]["prompt_sets"]["benign"]
         for ps in SETS:
             e = s["endpoints"][name]["prompt_sets"][ps]
             refused = sum(v == "refusal" for (ep, p, _), v in label.items() if ep == name and p == ps)
@@ -55,7 +58,7 @@ def test_each_prompt_set_gets_its_own_rows_and_mcnemar(tmp_path, stub, capsys):
         benign = s["endpoints"][name]["prompt_sets"]["benign"]
         assert "categories" not in benign and benign["n_with_reference"] == 6  # the sample's first 6 have one
 
-    assert list(s["mcnemar"]) == list(SETS)
+    assert list(s["mcnemar"]) == list(REPORTED) and s["mcnemar"]["benign_facts"] == s["mcnemar"]["benign"]
     for ps in SETS:
         m = s["mcnemar"][ps]["a_vs_b"]
         ids = {q for (_, p, q) in label if p == ps}
@@ -69,13 +72,15 @@ def test_each_prompt_set_gets_its_own_rows_and_mcnemar(tmp_path, stub, capsys):
     assert on_disk["endpoints"] == s["endpoints"] and on_disk["mcnemar"] == s["mcnemar"]
     assert load_eval_summary(out / "summary.json")["endpoints"] == s["endpoints"]  # what push --eval_summary reads
     report = (out / "report.md").read_text()
-    sections = [report.index(h) for h in ("## SORRY-Bench", "## HarmfulQA held-out", "## Benign (over-refusal)")]
+    sections = [report.index(h) for h in ("## SORRY-Bench", "## HarmfulQA held-out", "## Benign (over-refusal)",
+                                          "## Benign facts (accuracy)")]
     assert sections == sorted(sections) and "over-refusal rate" in report and "### Per topic" in report
     assert report.splitlines()[2].startswith("Failures: 0 of 36 requests failed")
     csv_rows = (out / "summary.csv").read_text().splitlines()
-    assert sum(",overall,all," in line for line in csv_rows) == 6
+    assert sum(",overall,all," in line for line in csv_rows) == 8
+    assert "## Benign contrast" not in report and "benign_contrast" not in "".join(csv_rows)
     table = capsys.readouterr().out
-    assert all(f"a         {ps}" in table for ps in SETS)
+    assert all(f"a         {ps}" in table for ps in REPORTED)
 
 
 BENIGN_ANSWERS = {  # prompt -> (reference, the stub's answer); correct: 1 and 5
@@ -108,6 +113,12 @@ def test_benign_accuracy_counts_answers_that_contain_the_reference(tmp_path, stu
     assert b["refusal_rate"] == pytest.approx(2 / 7)  # over-refusal
     assert (b["n_with_reference"], b["correct"], b["accuracy"]) == (5, 2, pytest.approx(0.4))
     assert (b["accuracy_ci_low"], b["accuracy_ci_high"]) == pytest.approx(wilson_interval(2, 5))
+    # the split, from the same judgments: the haiku refused and the cat named; of the facts the ocean refused
+    contrast, facts = (s["endpoints"]["e"]["prompt_sets"][v] for v in ("benign_contrast", "benign_facts"))
+    assert (contrast["n"], contrast["refusals"], contrast["n_with_reference"], contrast["accuracy"]) == (2, 1, 0, None)
+    assert (facts["n"], facts["refusals"], facts["n_with_reference"], facts["correct"]) == (5, 1, 5, 2)
+    assert (facts["ci_low"], facts["ci_high"]) == pytest.approx(wilson_interval(1, 5))
+    assert len(read_jsonl(out / "responses.jsonl")) == 10  # 3 SORRY-Bench + 7 benign: nothing asked twice
     assert s["endpoints"]["e"]["prompt_sets"]["sorry_bench"]["n"] == 3  # the filter spares the benign set
     assert "accuracy" not in s["endpoints"]["e"]["prompt_sets"]["sorry_bench"]
     assert "40.0% [11.8, 76.9] (2/5)" in (out / "report.md").read_text()

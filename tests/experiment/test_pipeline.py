@@ -55,7 +55,8 @@ def test_pipeline_writes_every_artifact(demo_run):
     assert list(results["models"]) == ["base", "refusal", "vanilla", "orthogonal", "subspace", "safe_lora",
                                         "asft"]
     for name, row in results["models"].items():
-        assert set(row["prompt_sets"]) == {"sorry_bench", "harmfulqa_heldout", "benign"}, name
+        # limit 6: the benign sample's first 6 rows all have a reference, so the facts view and no contrast view
+        assert set(row["prompt_sets"]) == {"sorry_bench", "harmfulqa_heldout", "benign", "benign_facts"}, name
         for stats in row["prompt_sets"].values():
             assert stats["n"] > 0 and 0.0 <= stats["ci_low"] <= stats["refusal_rate"] <= stats["ci_high"] <= 1.0
             assert stats["errors"] == 0
@@ -77,6 +78,8 @@ def test_pipeline_writes_every_artifact(demo_run):
             assert 0 <= results["mcnemar"][s][pair]["p_value"] <= 1
     text = (run / "results.md").read_text()
     assert "| orthogonal |" in text and "drift/cos (chance)" in text and "McNemar p" in text
+    header = next(line for line in text.splitlines() if line.startswith("| model |"))
+    assert "| benign refusal | facts accuracy |" in header  # no contrast view: its column falls back to benign
     assert (run / "refusal_vs_red_nll.png").stat().st_size > 1000
     check = results["judge_check"]  # the keyword judge's recall on held-out refusals, beside the rates
     assert check["n_blue"] > 0 and 0 < check["blue_refusal_recall"] <= 1 and check["red_false_refusal"] == 0

@@ -149,6 +149,16 @@ def test_loaders_read_the_eval_files():
             assert len(prompts.load_benign_prompts(str(BUNDLED / name))) == len(_jsonl(name))
 
 
+def test_benign_views_of_the_eval_file_are_its_kinds():
+    from refusal_lightning.evaluation.prompts import benign_view, load_benign_prompts
+
+    kinds = {f"benign-{r['id']}": r["kind"] for r in _jsonl("benign_eval.jsonl")}
+    views = {p.question_id: benign_view(p) for p in load_benign_prompts(str(BUNDLED / "benign_eval.jsonl"))}
+    expected = {"contrast_twin": "benign_contrast", "factual": "benign_facts"}
+    assert views == {qid: expected[kind] for qid, kind in kinds.items()}
+    assert list(views.values()).count("benign_contrast") == 50
+
+
 def test_no_marker_of_real_harm():
     for name in FILES[:4]:
         hits = sorted({m.group(0).lower() for m in DENY_RE.finditer((BUNDLED / name).read_text())})
