@@ -291,11 +291,11 @@ OUTCOMES_FILE = "outcomes.jsonl"
 
 
 def write_outcomes(outcomes: Iterable[ItemOutcome], output_dir: str | Path) -> Path:
-    """``outcomes.jsonl``: one line per item and endpoint (``endpoint, prompt_set, question_id, style, sample,
-    label, correct, error``; ``label`` is the primary judge's, None on an error), so any rate or paired test
-    can be recomputed without the evaluator (the sweep's cells are read from it)."""
+    """``outcomes.jsonl``: one line per item and endpoint (``endpoint, prompt_set, benign_view, question_id,
+    style, sample, label, correct, error``; ``label`` is the primary judge's, None on an error), so any rate or
+    paired test can be recomputed without the evaluator (the sweep's cells are read from it)."""
     path = Path(output_dir) / OUTCOMES_FILE
-    keys = ("endpoint", "prompt_set", "question_id", "style", "sample", "label", "correct", "error")
+    keys = ("endpoint", "prompt_set", "benign_view", "question_id", "style", "sample", "label", "correct", "error")
     atomic_write_text(path, "".join(json.dumps({k: getattr(o, k) for k in keys}, ensure_ascii=False) + "\n"
                                     for o in outcomes))
     return path

@@ -210,7 +210,8 @@ def evaluate_points(ctx: SweepContext, adapters: Mapping[str, Path], last: set[s
 
 def read_outcomes(path: Path, into: dict[str, dict]) -> None:
     """``outcomes.jsonl`` -> per endpoint: outcomes (1 = refused) per prompt set and item key, and the share
-    of answers that contain their reference per set (items with an error are left out)."""
+    of answers that contain their reference per set (items with an error are left out). A benign item also
+    counts in its view (``benign_contrast``: the twins' over-refusal; ``benign_facts``: accuracy)."""
     hits: dict[tuple[str, str], list[bool]] = {}
     for line in path.read_text().splitlines():
         row = json.loads(line)
@@ -218,9 +219,10 @@ def read_outcomes(path: Path, into: dict[str, dict]) -> None:
             continue
         entry = into.setdefault(row["endpoint"], {"outcomes": {}, "accuracy": {}})
         key = item_key(row)
-        entry["outcomes"].setdefault(row["prompt_set"], {})[key] = int(row["label"] == REFUSAL_LABEL)
-        if row["correct"] is not None:
-            hits.setdefault((row["endpoint"], row["prompt_set"]), []).append(bool(row["correct"]))
+        for prompt_set in filter(None, (row["prompt_set"], row.get("benign_view"))):
+            entry["outcomes"].setdefault(prompt_set, {})[key] = int(row["label"] == REFUSAL_LABEL)
+            if row["correct"] is not None:
+                hits.setdefault((row["endpoint"], prompt_set), []).append(bool(row["correct"]))
     for (endpoint, prompt_set), values in hits.items():
         into[endpoint]["accuracy"][prompt_set] = sum(values) / len(values)
 
