@@ -155,20 +155,48 @@ def test_bad_retain_settings_are_all_reported_at_once(tmp_path):
         check_retain_config(RetainConfig(enabled=True))
 
 
-def test_demo_retain_prompts_share_none_with_any_evaluated_or_validation_set():
+@pytest.mark.parametrize("source", [None, "retain_proxy.jsonl"], ids=["demo", "twins-and-facts"])
+def test_demo_retain_prompts_share_none_with_any_evaluated_or_validation_set(source):
     from refusal_lightning.train.harmfulqa import heldout_questions
 
     config = yaml.safe_load((REPO / "configs/cpu/refusal_lora.yaml").read_text())
     retain = RetainConfig(**config["model"]["retain"])
     assert retain.enabled
-    prompts, _ = load_retain_prompts(retain)
+    # the exclusions off: the file itself must be clean, not only what is left of it after them
+    file = Path(retain.source) if source is None else PROXY / source
+    prompts = prompt_file_texts(REPO / file)
     data = config["data"]
     heldout = [q["question"] for q in heldout_questions(data["source"], data["val_fraction"], data.get("seed", 0))]
     evaluated = [t for name in ("benign_eval", "sorry_bench_proxy", "benign_contrast_proxy",
                                 "validation_sorry_proxy", "validation_benign_proxy")
                  for t in prompt_file_texts(PROXY / f"{name}.jsonl")] + heldout
     assert len(prompts) >= 50 and len(evaluated) > 400
-    assert not {normalise(p) for p in prompts} & {normalise(t) for t in evaluated}
+    if source is None:
+        kept, _ = load_retain_prompts(retain)
+        assert len(kept) == 103 and not {normalise(p) for p in kept} & {normalise(t) for t in evaluated}
+    else:
+        assert not {normalise(p) for p in prompts} & {normalise(t) for t in evaluated}
+
+
+def test_twin_retain_prompts_come_from_the_training_split_only():
+    import sys
+
+    sys.path.insert(0, str(REPO / "scripts"))
+    from make_retain_prompts import retain_rows
+
+    from refusal_lightning.train.harmfulqa import load_records, split_records
+
+    rows = retain_rows()
+    assert rows == [json.loads(line) for line in (PROXY / "retain_proxy.jsonl").open()]  # the file is current
+    records = load_records(str(PROXY / "harmfulqa_proxy.json"))
+    split = split_records(records, 0.25, 0)
+    heldout_objects = {str(r["subtopic"]).split()[0] for r in records if split.group_of[r["id"]] in split.val}
+    train_objects = {str(r["subtopic"]).split()[0] for r in records if split.group_of[r["id"]] in split.train}
+    twins = [r["prompt"] for r in rows if r["kind"] == "twin"]
+    assert len(twins) == 150
+    # every twin names a training record's object; none names an object found only in held-out records
+    assert all(any(o in t for o in train_objects) for t in twins)
+    assert not any(o in t for t in twins for o in heldout_objects - train_objects)
 
 
 def _retain_fit(tmp_path: Path, model_dir: Path, name: str, retain: dict | None) -> Path:
