@@ -15,6 +15,7 @@ from typing import Any
 
 from refusal_lightning.formatting import percent
 
+SCHEDULE_CONTROL = "vanilla_lowlr"  # vanilla at a third of the LR: it must lie on the frontier
 SET_TITLES = {"sorry_bench": "SORRY-Bench(-proxy)", "harmfulqa_heldout": "HarmfulQA held-out"}
 
 
@@ -58,6 +59,7 @@ def sweep_table(record: Mapping[str, Any]) -> str:
         cells.append(percent(accuracy.get("benign_facts", accuracy.get("benign")), missing="-"))
         cells += [("-" if s["p_vs_vanilla"].get(x) is None else f"{s['p_vs_vanilla'][x]:.3g}") for x in harmful]
         lines.append("| " + " | ".join(cells) + " |")
+    notes_schedule = schedule_note(sweep["arms"].get(SCHEDULE_CONTROL, {}), harmful)
     null = record.get("drift_null")
     notes = [f"Metric: {sweep['metric']} (judge@max_tokens), {len(sweep['seeds'])} seeds, steps "
              f"{sweep['trajectory_steps']}; gains in refusal points over vanilla's frontier at the same red NLL, "
@@ -69,7 +71,24 @@ def sweep_table(record: Mapping[str, Any]) -> str:
                      f"the attack's recipe on benign replies, beside the Gaussian chance level "
                      f"{null['cos_gaussian']:.2e}." if null.get("cos_benign_lora") is not None
                      and null.get("cos_gaussian") is not None else "")
+    notes.append(notes_schedule)
     return "\n".join(lines) + "\n\n" + " ".join(n for n in notes if n)
+
+
+def schedule_note(control: Mapping[str, Any], prompt_sets: Sequence[str]) -> str:
+    """What the slower-LR control says about the frontier: a gain whose interval excludes 0 means vanilla's
+    frontier depends on the learning-rate schedule, so gains against it are partly the schedule's."""
+    if not control:
+        return ""
+    gains = [(s, g) for s in prompt_sets
+             if (g := control["gain_at_matched_nll"].get(s)) and g.get("ci_low") is not None]
+    off = [s for s, g in gains if g["ci_low"] > 0 or g["ci_high"] < 0]
+    if not gains:
+        return ""
+    if off:
+        return (f"{SCHEDULE_CONTROL}'s gain interval excludes 0 on {', '.join(SET_TITLES.get(s, s) for s in off)}: "
+                "the frontier depends on the schedule, and gains against it are partly the schedule's.")
+    return f"{SCHEDULE_CONTROL} lies on the frontier (each of its gain intervals holds 0)."
 
 
 def trajectories(cells: Sequence[Mapping[str, Any]], arm: str, prompt_set: str) -> dict[int, list[tuple]]:

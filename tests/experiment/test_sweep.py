@@ -223,3 +223,15 @@ def test_sweep_before_its_pipeline_says_what_to_run(tmp_path, capsys, monkeypatc
         main(["sweep", "--config", str(REPO / "configs/tiny/sweep.yaml"), "--pipeline", str(tmp_path / "p.yaml")])
     assert err.value.code == 2
     assert "pipeline --config" in capsys.readouterr().err
+
+
+def test_the_schedule_control_note_follows_its_interval():
+    from refusal_lightning.experiment.sweep_report import schedule_note
+
+    def control(lo, hi):
+        return {"gain_at_matched_nll": {"sorry_bench": {"mean": (lo + hi) / 2, "ci_low": lo, "ci_high": hi}}}
+
+    assert "depends on the schedule" in schedule_note(control(0.05, 0.2), ["sorry_bench"])
+    assert "depends on the schedule" in schedule_note(control(-0.3, -0.1), ["sorry_bench"])
+    assert "lies on the frontier" in schedule_note(control(-0.05, 0.2), ["sorry_bench"])
+    assert schedule_note({}, ["sorry_bench"]) == ""  # no such arm in the sweep: nothing to say
