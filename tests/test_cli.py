@@ -13,7 +13,7 @@ from conftest import REPO, run_module, write_fit_config
 from refusal_lightning.cli import COMMAND_TARGETS, LIGHTNING_COMMANDS, main
 
 CONFIGS = sorted(str(p.relative_to(REPO)) for p in (REPO / "configs").rglob("*.yaml"))
-FIT_CONFIGS = [c for c in CONFIGS if not Path(c).name.startswith("pipeline")]
+FIT_CONFIGS = [c for c in CONFIGS if not Path(c).name.startswith(("pipeline", "sweep"))]
 
 
 def _exit_code(args: list[str]) -> int:

@@ -77,7 +77,7 @@ class State:
         atomic_write_text(self.path, json.dumps(self.data, indent=2) + "\n")
 
 
-def _output_dir(config: Path | str, overrides: list[str]) -> Path:
+def fit_output_dir(config: Path | str, overrides: list[str]) -> Path:
     """A fit's ``model.output_dir``: from ``--model.output_dir=`` in ``overrides``, else from the config (a
     path, or its text)."""
     for arg in overrides:
@@ -92,7 +92,7 @@ def _check_distinct_outputs(configs: dict[str, tuple[str, list[str]]]) -> None:
     ``configs``: per fit, its config text and its overrides."""
     seen: dict[Path, str] = {}
     for name, (text, overrides) in configs.items():
-        out = _output_dir(text, overrides).resolve()
+        out = fit_output_dir(text, overrides).resolve()
         if out in seen:
             raise PipelineError(f"model.output_dir {out} of '{name}' is also the output of stage '{seen[out]}'; "
                                 "give each fit its own output_dir (and checkpoint dirpath), e.g. with {arm} in "
@@ -130,7 +130,7 @@ def _checkpoint_dirs(config: Path, output_dir: Path) -> list[Path]:
     return dirs or [output_dir / "checkpoints"]
 
 
-def _run_fit(stage: FitStage, resume: bool) -> None:
+def run_fit(stage: FitStage, resume: bool) -> None:
     from refusal_lightning.train.fit import lightning_cli
 
     args = ["fit", "--config", str(stage.config), *stage.overrides]
@@ -304,10 +304,10 @@ def _run_pipeline(run: Path, base_model: str, build_tiny_model: bool, prepare_mo
 
     # 1. refusal LoRA
     refusal_over = [f"--model.model_name_or_path={base_model}", *overrides]
-    refusal = FitStage("refusal", refusal_cfg, _output_dir(refusal_cfg, refusal_over), refusal_over)
+    refusal = FitStage("refusal", refusal_cfg, fit_output_dir(refusal_cfg, refusal_over), refusal_over)
     adapter_file = "adapter_model.safetensors"
     stage("refusal", [refusal_cfg.read_text(), refusal_over, base_print, _data_print(refusal_cfg, refusal_over)],
-          [refusal.output_dir / adapter_file], lambda resume: _run_fit(refusal, resume),
+          [refusal.output_dir / adapter_file], lambda resume: run_fit(refusal, resume),
           clear=_checkpoint_dirs(refusal_cfg, refusal.output_dir))
 
     # 2. directions
@@ -328,14 +328,14 @@ def _run_pipeline(run: Path, base_model: str, build_tiny_model: bool, prepare_mo
         cfg = arm_cfgs[arm.name]
         over = [f"--model.model_name_or_path={base_model}", f"--model.merge_adapters=[{refusal.output_dir}]",
                 f"--model.projection.directions_path={directions_path}", *arm.overrides, *overrides]
-        fits[arm.name] = FitStage(arm.name, cfg, _output_dir(cfg, over), over)
+        fits[arm.name] = FitStage(arm.name, cfg, fit_output_dir(cfg, over), over)
     arm_dirs = arm_folders(arms, run, {name: fit.output_dir for name, fit in fits.items()})
     for arm in (a for a in arms if a.is_fit):
         cfg = arm_cfgs[arm.name]
         stage(arm.name, [cfg.read_text(), fits[arm.name].overrides, prints["directions"], _file_sha(directions_path),
                          _data_print(cfg, fits[arm.name].overrides)],
               [fits[arm.name].output_dir / adapter_file],
-              lambda resume, s=fits[arm.name]: _run_fit(s, resume),
+              lambda resume, s=fits[arm.name]: run_fit(s, resume),
               clear=_checkpoint_dirs(cfg, fits[arm.name].output_dir))
     for arm in (a for a in arms if not a.is_fit):
         def transform(_: bool, arm: Arm = arm) -> None:

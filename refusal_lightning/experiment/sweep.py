@@ -21,7 +21,7 @@ import yaml
 
 from refusal_lightning.checksums import file_sha256, tree_sha256
 from refusal_lightning.experiment.arms import Arm, ArmsError, parse_arms
-from refusal_lightning.experiment.pipeline import PACKAGE_ROOT, _output_dir, data_section
+from refusal_lightning.experiment.pipeline import PACKAGE_ROOT, data_section, fit_output_dir
 from refusal_lightning.experiment.sweep_plan import (
     BENIGN_LORA,
     STEP0,
@@ -127,7 +127,7 @@ def _prepare(config: dict[str, Any], fit_overrides: list[str]) -> tuple[SweepCon
     refusal_cfg = Path(pipe.get("refusal_config"))
     overrides = [*(pipe.get("fit_overrides") or []), *fit_overrides]
     refusal_over = [f"--model.model_name_or_path={base_model}", *overrides]
-    refusal_dir = _output_dir(refusal_cfg, refusal_over)
+    refusal_dir = fit_output_dir(refusal_cfg, refusal_over)
     directions = pipe_run / "refusal_param_directions.pt"
     missing = [str(p) for p in (refusal_dir / WEIGHTS_FILE, directions) if not p.exists()]
     if missing:
@@ -192,13 +192,13 @@ def _prerequisites(ctx: SweepContext, config: dict[str, Any]) -> None:
                                                   "timing_s": {"step0": round(time.time() - started, 1)},
                                                   "cells": [cell]}, indent=1) + "\n")
     if config["benign_lora"]:
-        from refusal_lightning.experiment.sweep_unit import _fit
+        from refusal_lightning.experiment.sweep_unit import fit_unit
 
         overrides = tuple((config["benign_lora"] or {}).get("overrides") or [])
         arm = Arm(BENIGN_LORA, config=Path(_attack_of(config)), overrides=overrides)
         folder = unit_dir(ctx.run, BENIGN_LORA)
         ctx.log("[sweep] benign LoRA (drift null)")
-        _fit(ctx, arm, (config["seeds"] or [0])[0], folder)  # done and unchanged: returns at once
+        fit_unit(ctx, arm, (config["seeds"] or [0])[0], folder)  # done and unchanged: returns at once
 
 
 def _attack_of(config: dict[str, Any]) -> str:

@@ -87,10 +87,10 @@ def seeded_config(text: str, out: Path, seed: int, steps: list[int], logger_dir:
 FIT_KEYS = ("refusal_adapter", "directions", "code")  # what of the fingerprint a fit depends on
 
 
-def _fit(ctx: SweepContext, arm: Arm, seed: int, folder: Path) -> tuple[Path, bool]:
+def fit_unit(ctx: SweepContext, arm: Arm, seed: int, folder: Path) -> tuple[Path, bool]:
     """The unit's fit (resumed, or redone from scratch when its config, the refusal model or the code
     changed); its folder, and whether it was (re)trained now."""
-    from refusal_lightning.experiment.pipeline import FitStage, _run_fit
+    from refusal_lightning.experiment.pipeline import FitStage, run_fit
 
     out = folder / "fit"
     assert arm.config is not None
@@ -113,7 +113,7 @@ def _fit(ctx: SweepContext, arm: Arm, seed: int, folder: Path) -> tuple[Path, bo
     folder.mkdir(parents=True, exist_ok=True)
     atomic_write_text(config_path, text)
     atomic_write_text(started, json.dumps(record, indent=2) + "\n")
-    _run_fit(FitStage(folder.name, config_path, out, overrides), resume)
+    run_fit(FitStage(folder.name, config_path, out, overrides), resume)
     missing = [s for s in ctx.steps if s > 0 and not (out / STEPS_DIR / str(s) / WEIGHTS_FILE).exists()]
     if missing:
         raise SweepError(f"{folder.name}: the fit ended without the snapshots of steps {missing} (did an "
@@ -281,7 +281,7 @@ def run_unit(ctx: SweepContext, arm: Arm, seed: int, posthoc: tuple[Arm, ...], f
             return record["cells"]
     timing: dict[str, float] = {}
     started = time.time()
-    fit_dir, refit = _fit(ctx, arm, seed, folder)
+    fit_dir, refit = fit_unit(ctx, arm, seed, folder)
     clear_derived(ctx, folder, fit_dir, posthoc, refit)
     timing["fit"] = time.time() - started
     mark = time.time()

@@ -235,3 +235,17 @@ def test_the_schedule_control_note_follows_its_interval():
     assert "depends on the schedule" in schedule_note(control(-0.3, -0.1), ["sorry_bench"])
     assert "lies on the frontier" in schedule_note(control(-0.05, 0.2), ["sorry_bench"])
     assert schedule_note({}, ["sorry_bench"]) == ""  # no such arm in the sweep: nothing to say
+
+
+def test_the_cpu_sweep_declares_the_issues_grid():
+    from refusal_lightning.experiment.sweep_plan import check_grid
+
+    config = yaml.safe_load((REPO / "configs/cpu/sweep.yaml").read_text())
+    arms = parse_arms(config["arms"], yaml.safe_load((REPO / config["pipeline"]).read_text())["attack_config"])
+    assert [a.name for a in arms] == ["vanilla", "vanilla_lowlr", "orthogonal", "subspace", "asft", "asft_l2",
+                                      "asft_random", "safe_lora", "safe_lora_calibrated"]
+    steps = check_grid(config["seeds"], config["trajectory_steps"], arms)
+    assert len(config["seeds"]) == 3 and len(steps) >= 5
+    attack = yaml.safe_load((REPO / "configs/cpu/attack.yaml").read_text())
+    assert steps[-1] >= attack["trainer"]["max_steps"]  # the trajectory reaches at least the demo's attack
+    assert config["benign_lora"]["overrides"] == ["--data.thread=blue", "--data.selection=non_refusal"]
