@@ -34,16 +34,16 @@ from refusal_lightning.experiment.sweep_plan import (
     unit_dir,
 )
 from refusal_lightning.experiment.sweep_unit import (
-    CELLS_FILE,
     LAST_ONLY_KEYS,
     SweepContext,
     clear_derived,
+    current_cells,
     evaluate_points,
     make_cell,
     measure_nll,
     run_unit,
+    write_cells,
 )
-from refusal_lightning.files import atomic_write_text
 from refusal_lightning.models.stacking import WEIGHTS_FILE
 
 
@@ -157,8 +157,8 @@ def _prepare(config: dict[str, Any], fit_overrides: list[str]) -> tuple[SweepCon
                    "metric": metric, "nll_max_pairs": str(config["nll_max_pairs"]),
                    "evaluation": json.dumps(eval_section, sort_keys=True, default=str),
                    "benign_lora": json.dumps(config["benign_lora"], sort_keys=True)}
-    ctx = SweepContext(run=run, pipeline_run=pipe_run, base_model=base_model, refusal_dir=refusal_dir,
-                       directions_path=directions,
+    ctx = SweepContext(run=run, pipeline_run=pipe_run, attack_config=vanilla.config, base_model=base_model,
+                       refusal_dir=refusal_dir, directions_path=directions,
                        attack_data=data_section(vanilla.config, list(vanilla.overrides)), refusal_data=refusal_data,
                        steps=steps, point_eval=point_eval, last_eval=last_eval, metric=metric,
                        nll_max_pairs=config["nll_max_pairs"], fit_overrides=overrides, fingerprint=fingerprint,
@@ -179,8 +179,7 @@ def merged_sections(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any
 def _prerequisites(ctx: SweepContext, config: dict[str, Any]) -> None:
     """Step 0 (the refusal model's point) and the benign LoRA, when missing."""
     step0 = unit_dir(ctx.run, STEP0)
-    cells_path = step0 / CELLS_FILE
-    if not (cells_path.exists() and json.loads(cells_path.read_text()).get("fingerprint") == ctx.fingerprint):
+    if current_cells(ctx, step0) is None:
         ctx.log("[sweep] step 0: the refusal model's point")
         started = time.time()
         clear_derived(ctx, step0, None, (), refit=False)
@@ -188,22 +187,15 @@ def _prerequisites(ctx: SweepContext, config: dict[str, Any]) -> None:
         nll = measure_nll(ctx, {name: ctx.refusal_dir}, step0 / "nll.json")
         evaluated = evaluate_points(ctx, {name: ctx.refusal_dir}, {name}, step0)
         cell = make_cell("refusal", -1, 0, ctx.metric, evaluated.get(name, {}), nll[name], None)
-        atomic_write_text(cells_path, json.dumps({"unit": STEP0, "fingerprint": ctx.fingerprint,
-                                                  "timing_s": {"step0": round(time.time() - started, 1)},
-                                                  "cells": [cell]}, indent=1) + "\n")
+        write_cells(ctx, step0, [cell], {"step0": time.time() - started})
     if config["benign_lora"]:
         from refusal_lightning.experiment.sweep_unit import fit_unit
 
         overrides = tuple((config["benign_lora"] or {}).get("overrides") or [])
-        arm = Arm(BENIGN_LORA, config=Path(_attack_of(config)), overrides=overrides)
+        arm = Arm(BENIGN_LORA, config=ctx.attack_config, overrides=overrides)
         folder = unit_dir(ctx.run, BENIGN_LORA)
         ctx.log("[sweep] benign LoRA (drift null)")
         fit_unit(ctx, arm, (config["seeds"] or [0])[0], folder)  # done and unchanged: returns at once
-
-
-def _attack_of(config: dict[str, Any]) -> str:
-    pipe = yaml.safe_load(Path(config["pipeline"]).read_text()) or {}
-    return str(config["attack_config"] or pipe.get("attack_config"))
 
 
 def _merge(ctx: SweepContext, arms: list[Arm], units: list, seeds: list[int], config: dict[str, Any]) -> dict:

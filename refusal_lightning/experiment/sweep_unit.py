@@ -45,6 +45,7 @@ class SweepContext:
 
     run: Path
     pipeline_run: Path
+    attack_config: Path  # vanilla's fit config: the attack's recipe (the benign LoRA's too)
     base_model: str
     refusal_dir: Path
     directions_path: Path
@@ -271,14 +272,26 @@ def point_drift(folder: Path) -> float | None:
     return None
 
 
+def current_cells(ctx: SweepContext, folder: Path) -> list[dict] | None:
+    """The unit's cells when its ``cells.json`` was made with the current fingerprint, else None."""
+    path = folder / CELLS_FILE
+    record = json.loads(path.read_text()) if path.exists() else {}
+    return record["cells"] if record.get("fingerprint") == ctx.fingerprint else None
+
+
+def write_cells(ctx: SweepContext, folder: Path, cells: list[dict], timing: Mapping[str, float]) -> None:
+    """``cells.json``, written last: the unit's cells, its fingerprint and its stage times."""
+    atomic_write_text(folder / CELLS_FILE, json.dumps({"unit": folder.name, "fingerprint": ctx.fingerprint,
+                                                       "timing_s": {k: round(v, 1) for k, v in timing.items()},
+                                                       "cells": cells}, indent=1) + "\n")
+
+
 def run_unit(ctx: SweepContext, arm: Arm, seed: int, posthoc: tuple[Arm, ...], folder: Path) -> list[dict]:
     """Run (or resume) one unit and return its cells (also written to ``cells.json``)."""
-    cells_path = folder / CELLS_FILE
-    if cells_path.exists():
-        record = json.loads(cells_path.read_text())
-        if record.get("fingerprint") == ctx.fingerprint:
-            ctx.log(f"[sweep] {folder.name}: up to date, skipped")
-            return record["cells"]
+    done = current_cells(ctx, folder)
+    if done is not None:
+        ctx.log(f"[sweep] {folder.name}: up to date, skipped")
+        return done
     timing: dict[str, float] = {}
     started = time.time()
     fit_dir, refit = fit_unit(ctx, arm, seed, folder)
@@ -299,9 +312,7 @@ def run_unit(ctx: SweepContext, arm: Arm, seed: int, posthoc: tuple[Arm, ...], f
     cells = [make_cell(name_arm, seed, step, ctx.metric, evaluated.get(name, {}), nll[name], point_drift(path),
                        transform_report(by_name[name_arm], path))
              for name, (name_arm, step, path) in points.items()]
-    atomic_write_text(cells_path, json.dumps({"unit": folder.name, "fingerprint": ctx.fingerprint,
-                                              "timing_s": {k: round(v, 1) for k, v in timing.items()},
-                                              "cells": cells}, indent=1) + "\n")
+    write_cells(ctx, folder, cells, timing)
     ctx.log(f"[sweep] {folder.name}: done in {time.time() - started:.0f}s "
             f"({', '.join(f'{k} {v:.0f}s' for k, v in timing.items())})")
     return cells
