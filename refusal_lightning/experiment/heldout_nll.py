@@ -25,32 +25,49 @@ DATA_KEYS = ("source", "selection", "prompt", "max_length", "val_fraction", "see
 def heldout_batches(data: Mapping[str, Any], thread: str, tokenizer_path: str, batch_size: int = 8,
                     max_pairs: int | None = None) -> list[dict[str, torch.Tensor]]:
     """The validation pairs of ``thread`` under a fit config's ``data`` section, as padded batches
-    (the first ``max_pairs`` in the split's order when set: the same pairs for every model)."""
+    (the first ``max_pairs`` in the split's order when set: the same pairs for every model). The pairs are
+    batched in order of length, so that a batch carries little padding (the NLL does not depend on it)."""
     kwargs = {k: v for k, v in data.items() if k in DATA_KEYS}
     module = HarmfulQADataModule(**kwargs, thread=thread, tokenizer_name_or_path=tokenizer_path,
                                  batch_size=batch_size)
     module.setup("validate")
     assert module.val_set is not None
     n = len(module.val_set) if max_pairs is None else min(max_pairs, len(module.val_set))
-    examples = [module.val_set[i] for i in range(n)]
+    examples = sorted((module.val_set[i] for i in range(n)), key=lambda e: len(e["input_ids"]))
     pad = collate(module.load_tokenizer().pad_token_id)
     return [pad(examples[i:i + batch_size]) for i in range(0, len(examples), batch_size)]
 
 
 @torch.no_grad()
 def reply_nll(model: torch.nn.Module, batches: list[dict[str, torch.Tensor]]) -> dict[str, float]:
-    """Token-weighted mean NLL over the reply tokens of ``batches`` (labels != -100)."""
+    """Token-weighted mean NLL over the reply tokens of ``batches`` (labels != -100). The output head runs on
+    the reply positions only (``reply_logits``): on a small model it is a quarter of the forward pass."""
     total, count = torch.zeros((), dtype=torch.float64), 0
     device = next(model.parameters()).device
     for batch in batches:
-        logits = model(input_ids=batch["input_ids"].to(device),
-                       attention_mask=batch["attention_mask"].to(device)).logits
         labels = batch["labels"][:, 1:].to(device)
-        nll = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2).float(), labels,
-                                                ignore_index=IGNORE_INDEX, reduction="sum")
-        total += nll.double().cpu()
-        count += int((labels != IGNORE_INDEX).sum())
+        keep = labels != IGNORE_INDEX
+        logits = reply_logits(model, batch["input_ids"].to(device), batch["attention_mask"].to(device), keep)
+        nll = torch.nn.functional.cross_entropy(logits.float(), labels[keep], reduction="none")
+        total += nll.double().sum().cpu()  # summed in float64: the mean does not depend on batch order
+        count += int(keep.sum())
     return {"nll": float(total / max(count, 1)), "tokens": count}
+
+
+def reply_logits(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                 keep: torch.Tensor) -> torch.Tensor:
+    """The next-token logits at the positions ``keep`` (``[batch, length - 1]``, True where the next token is
+    scored), as ``[n_kept, vocab]``. A causal LM with a plain output head (``get_decoder`` +
+    ``get_output_embeddings``, PEFT-wrapped or not) runs its decoder once and the head on those positions
+    only; any other model (a logit soft-cap, say) runs whole."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    config = getattr(inner, "config", None)
+    head = inner.get_output_embeddings() if hasattr(inner, "get_output_embeddings") else None
+    decoder = inner.get_decoder() if hasattr(inner, "get_decoder") else None
+    if head is None or decoder is None or getattr(config, "final_logit_softcapping", None):
+        return model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1][keep]
+    hidden = decoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    return head(hidden[:, :-1][keep])
 
 
 def heldout_nll(base_model: str, adapters: Mapping[str, str | None], red_data: Mapping[str, Any],
