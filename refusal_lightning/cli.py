@@ -28,6 +28,7 @@ Other commands (`COMMAND --help`):
   push       upload adapter dirs (with model cards) to the Hugging Face Hub
   pipeline   refusal fit -> directions -> the arms (attacks, defences) -> serve -> evaluate, from one config
   sweep      every arm x seeds x attack trajectory on a pipeline's refusal model, against vanilla's frontier
+  readout    the activation-space refusal direction along a finished sweep's trajectories, with causal checks
   preflight  check the real run before it spends GPU time: Hub access, data, vLLM commands, memory
 """
 
@@ -44,6 +45,7 @@ COMMAND_TARGETS = {
     "push": "refusal_lightning.hub.push:push",
     "pipeline": "refusal_lightning.experiment.pipeline:pipeline",
     "sweep": "refusal_lightning.experiment.sweep:sweep",
+    "readout": "refusal_lightning.experiment.readout:readout",
     "preflight": "refusal_lightning.experiment.preflight:preflight",
 }
 

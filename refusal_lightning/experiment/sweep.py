@@ -92,7 +92,7 @@ def sweep(
               "seeds": seeds, "trajectory_steps": trajectory_steps, "evaluation": evaluation,
               "nll_max_pairs": nll_max_pairs, "benign_lora": benign_lora}
     try:
-        ctx, declared, units, seeds_ = _prepare(config, fit_overrides or [])
+        ctx, declared, units, seeds_ = prepare_sweep(config, fit_overrides or [])
     except ArmsError as exc:
         raise SweepConfigError(str(exc)) from None
     if merge:
@@ -114,8 +114,9 @@ def sweep(
     return _merge(ctx, declared, units, seeds_, config)
 
 
-def _prepare(config: dict[str, Any], fit_overrides: list[str]) -> tuple[SweepContext, list[Arm], list, list[int]]:
-    """The sweep's context from its config and the reused pipeline's (checked before anything runs)."""
+def prepare_sweep(config: dict[str, Any], fit_overrides: list[str]) -> tuple[SweepContext, list[Arm], list, list[int]]:
+    """The sweep's context, arms, units and seeds from its config (``sweep``'s arguments as a dict) and the
+    reused pipeline's, checked before anything runs."""
     from refusal_lightning.evaluation.runner import evaluate_arguments
 
     path = Path(config["pipeline"])
@@ -165,6 +166,26 @@ def _prepare(config: dict[str, Any], fit_overrides: list[str]) -> tuple[SweepCon
                        placeholders={BENIGN_LORA: str(unit_dir(run, BENIGN_LORA) / "fit")},
                        log=functools.partial(print, flush=True))
     return ctx, declared, plan_units(declared, seeds), seeds
+
+
+def sweep_context(path: str | Path) -> tuple[SweepContext, list[Arm], list, list[int]]:
+    """``prepare_sweep`` for a sweep config file (what the readout of a finished sweep reads)."""
+    import inspect
+
+    file = Path(path)
+    if not file.is_file():
+        raise SweepConfigError(f"sweep config {file} does not exist")
+    given = yaml.safe_load(file.read_text()) or {}
+    known = set(inspect.signature(sweep).parameters) - {"shard", "merge", "fit_overrides"}
+    unknown = sorted(set(given) - known - {"fit_overrides"})
+    if unknown:
+        raise SweepConfigError(f"{file}: unknown keys {unknown}")
+    defaults = {k: p.default for k, p in inspect.signature(sweep).parameters.items() if k in known}
+    try:
+        return prepare_sweep({**defaults, **{k: v for k, v in given.items() if k in known}},
+                             list(given.get("fit_overrides") or []))
+    except ArmsError as exc:
+        raise SweepConfigError(str(exc)) from None
 
 
 def merged_sections(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:

@@ -140,10 +140,11 @@ def write_sweep_pictures(record: Mapping[str, Any], run: Path) -> list[Path]:
                     for points in runs.values():
                         ax.plot([p[1] for p in points], [100 * p[2] for p in points], "-", color=color, alpha=0.35,
                                 lw=1)
-                xerr = [[m - min(n) for m, (_, n, _) in zip(mean_nll, rows, strict=True)],
-                        [max(n) - m for m, (_, n, _) in zip(mean_nll, rows, strict=True)]]
-                yerr = [[m - 100 * min(r) for m, (_, _, r) in zip(mean_ref, rows, strict=True)],
-                        [100 * max(r) - m for m, (_, _, r) in zip(mean_ref, rows, strict=True)]]
+                # max(0, .): a mean of equal values can sit a rounding error outside their range
+                xerr = [[max(0.0, m - min(n)) for m, (_, n, _) in zip(mean_nll, rows, strict=True)],
+                        [max(0.0, max(n) - m) for m, (_, n, _) in zip(mean_nll, rows, strict=True)]]
+                yerr = [[max(0.0, m - 100 * min(r)) for m, (_, _, r) in zip(mean_ref, rows, strict=True)],
+                        [max(0.0, 100 * max(r) - m) for m, (_, _, r) in zip(mean_ref, rows, strict=True)]]
                 ax.errorbar(mean_nll, mean_ref, xerr=xerr, yerr=yerr, fmt="-o", ms=3, color=color, capsize=2,
                             label=arm, lw=1.2)
             ax.set_title(SET_TITLES.get(prompt_set, prompt_set))

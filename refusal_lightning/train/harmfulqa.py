@@ -301,6 +301,17 @@ def split_records(records: Iterable[object], val_fraction: float, seed: int) -> 
     return QuestionSplit(frozenset(train), frozenset(val), group_of)
 
 
+def defender_attacker_ids(records: Iterable[object], val_fraction: float, seed: int) -> tuple[set[int], set[int]]:
+    """The training side's question groups split in two disjoint halves by id: the defender's records (for
+    directions, probes and calibration) and the attacker's. Held-out questions are in neither."""
+    split = split_records(records, val_fraction, seed)
+    groups = sorted(split.train)
+    random.Random(f"defender:{seed}").shuffle(groups)
+    half = set(groups[:len(groups) // 2])
+    defender = {rid for rid, group in split.group_of.items() if group in half}
+    return defender, split.record_ids("train") - defender
+
+
 def heldout_questions(source: str, val_fraction: float = 0.1, seed: int = 0) -> list[dict]:
     """The validation questions (``id``, ``question``, ``topic``) of a source, split exactly as training does:
     one per question group (its smallest id's record), in file order."""

@@ -210,3 +210,36 @@ def test_validation_split_is_a_third_world(gen):
     text = "\n".join(evaluated) + json.dumps(_records())
     assert not [w for w in gen.VALIDATION_NAMES + gen.VALIDATION_PLACES if re.search(rf"\b{w}\b", text)]
     assert all(any(re.search(rf"\b{w}\b", p) for w in gen.VALIDATION_NAMES) for p in val + twins)
+
+
+def test_the_defenders_prompts_are_disjoint_from_the_attackers_and_from_every_evaluated_file():
+    from refusal_lightning.train.harmfulqa import (
+        defender_attacker_ids,
+        heldout_questions,
+        normalise_question,
+        record_id,
+        split_records,
+        valid_records,
+    )
+
+    records = valid_records(load_records(str(BUNDLED / "harmfulqa_proxy.json")))
+    defender, attacker = defender_attacker_ids(records, val_fraction=0.25, seed=0)
+    split = split_records(records, 0.25, 0)
+    assert defender and attacker and not defender & attacker
+    assert defender | attacker == split.record_ids("train")
+    assert abs(len(defender) - len(attacker)) <= max(1, split.duplicates + 1)
+    assert defender_attacker_ids(records, 0.25, 0) == (defender, attacker)  # deterministic
+    # no defender question is asked by an evaluated or a validation file
+    asked = {normalise_question(q["question"]) for q in heldout_questions(str(BUNDLED / "harmfulqa_proxy.json"),
+                                                                           0.25, 0)}
+    for name in ("sorry_bench_proxy.jsonl", "benign_eval.jsonl", "validation_sorry_proxy.jsonl",
+                 "validation_benign_proxy.jsonl"):
+        for line in (BUNDLED / name).read_text().splitlines():
+            row = json.loads(line)
+            asked.add(normalise_question(row.get("prompt") or row.get("turns", [""])[0]))
+    questions = {normalise_question(r["question"]) for r in records if record_id(r) in defender}
+    assert not questions & asked
+    # the harmless side (the retain prompts) is training-side too
+    harmless = {normalise_question(json.loads(line)["prompt"])
+                for line in (BUNDLED / "retain_proxy.jsonl").read_text().splitlines()}
+    assert not harmless & asked

@@ -28,7 +28,7 @@ def swept(tmp_path_factory):
         pipe[key] = str(REPO / pipe[key])
     pipe["fit_overrides"] = ["--trainer.max_steps=6", "--trainer.val_check_interval=3",
                              "--model.optimizer.init_args.lr=1.0e-2", "--trainer.enable_progress_bar=false"]
-    pipe["evaluation"].update(limit=6, generation={"max_tokens": 8})
+    pipe["evaluation"].update(limit=6, generation={"max_tokens": 8, "temperature": 0.0})  # greedy, as the readout
     (tmp / "pipeline.yaml").write_text(yaml.safe_dump(pipe, sort_keys=False))
     config = yaml.safe_load((REPO / "configs/tiny/sweep.yaml").read_text())
     config.update(pipeline=str(tmp / "pipeline.yaml"), run_dir=str(tmp / "sweep"), seeds=SEEDS,
@@ -249,3 +249,110 @@ def test_the_cpu_sweep_declares_the_issues_grid():
     attack = yaml.safe_load((REPO / "configs/cpu/attack.yaml").read_text())
     assert steps[-1] >= attack["trainer"]["max_steps"]  # the trajectory reaches at least the demo's attack
     assert config["benign_lora"]["overrides"] == ["--data.thread=blue", "--data.selection=non_refusal"]
+
+
+def _independent_projection(base_dir, adapter, questions, layer, direction) -> float:
+    """Mean projection of each question's last-token state after ``layer`` on ``direction``: each prompt alone,
+    unpadded, from ``output_hidden_states`` with the final norm removed (so the last entry is the last layer's
+    output), without the readout's hooks or batching."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(base_dir)
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), str(adapter)).eval()
+    model.get_base_model().model.norm = torch.nn.Identity()
+    values = []
+    with torch.no_grad():
+        for q in questions:
+            ids = tokenizer.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True,
+                                                tokenize=True, return_dict=True,
+                                                enable_thinking=False)["input_ids"]  # as the evaluation sends
+            states = model(input_ids=torch.tensor([list(ids)]), output_hidden_states=True).hidden_states
+            values.append(float(states[layer + 1][0, -1] @ direction))
+    return sum(values) / len(values)
+
+
+def test_readout_follows_the_direction_along_every_trajectory_and_resumes(swept, capsys):
+    import torch
+
+    from refusal_lightning.experiment.readout import readout_prompts
+    from refusal_lightning.experiment.sweep import sweep_context
+
+    tmp, _ = swept
+    args = ["readout", "--sweep", str(tmp / "sweep.yaml"), "--max_prompts", "5", "--batch_size", "3",
+            "--causal_arms", "[vanilla]"]
+    main(args)
+    out = tmp / "sweep" / "readout"
+    result = json.loads((out / "readout.json").read_text())
+    assert result["layer"] in result["allowed_layers"] and len(result["separation"]) == 2
+    assert result["prompts"] == {"harmful_defender": 5, "harmless": 5, "harmful_heldout": 5}
+    points = {(p["arm"], p["seed"], p["step"]): p for p in result["points"]}
+    trained = {(a, s, t) for a in ARMS for s in SEEDS for t in STEPS if t}
+    control = {("benign_lora", SEEDS[0], t) for t in STEPS if t}  # any fine-tune's effect: the control
+    assert set(points) == {("refusal", -1, 0)} | trained | control
+    assert points[("refusal", -1, 0)]["suppression"] == pytest.approx(1.0)  # the reference is itself
+    assert points[("refusal", -1, 0)]["rotation_cos"] == pytest.approx(1.0)
+    # the suppression of one attacked point, recomputed without the readout's code path
+    saved = torch.load(out / "direction.pt")
+    ctx, *_ = sweep_context(tmp / "sweep.yaml")
+    prompts = readout_prompts(ctx, None, 5)
+    layer, r = saved["layer"], saved["direction"]
+    h_ref = _independent_projection(ctx.base_model, ctx.refusal_dir, prompts["harmful_heldout"], layer, r)
+    b_ref = _independent_projection(ctx.base_model, ctx.refusal_dir, prompts["harmless"], layer, r)
+    snapshot = tmp / "sweep" / "units" / "vanilla-s1" / "fit" / "steps" / str(STEPS[-1]) / "combined"
+    h = _independent_projection(ctx.base_model, snapshot, prompts["harmful_heldout"], layer, r)
+    expected = (h - b_ref) / (h_ref - b_ref)
+    assert points[("vanilla", 1, STEPS[-1])]["suppression"] == pytest.approx(expected, abs=1e-3)
+    assert points[("vanilla", 1, STEPS[-1])]["suppression"] != pytest.approx(1.0, abs=1e-3)  # the attack moved it
+    summary = result["summary"]
+    assert summary["refusal"]["0"]["ci_low"] == pytest.approx(1.0) == summary["refusal"]["0"]["ci_high"]
+    last = summary["vanilla"][str(STEPS[-1])]
+    assert last["n_seeds"] == len(SEEDS) and last["seed_min"] <= last["mean"] <= last["seed_max"]
+    assert last["ci_low"] <= last["mean"] <= last["ci_high"] and last["ci_low"] < last["ci_high"]
+    # causal checks: rates with intervals, the addition never negative, the same verdicts as the served sweep
+    causal = result["causal"]
+    assert set(causal["refusal"]) == {"plain", "ablated", "agreement_with_sweep"}
+    for entry in (causal["refusal"]["plain"], causal["refusal"]["ablated"], causal["vanilla"]["restored"]):
+        for stats in entry.values():
+            assert stats["n"] == len(stats["outcomes"]) > 0 and stats["rate"] == stats["k"] / stats["n"]
+    assert causal["vanilla"]["alpha"] >= 0
+    assert {"sorry_bench", "harmfulqa_heldout"} <= set(causal["vanilla"]["restored"])
+    assert set(causal["vanilla"]["random_direction"]) == {"sorry_bench", "harmfulqa_heldout"}
+    for check in (causal["refusal"]["agreement_with_sweep"], causal["vanilla"]["agreement_with_sweep"]):
+        assert check["sorry_bench"]["n"] > 0 and check["sorry_bench"]["share"] >= 0.8
+    cells = json.loads((tmp / "sweep" / "results.json").read_text())["sweep"]["cells"]
+    assert all("suppression" in c and "rotation_cos" in c for c in cells)
+    assert (out / "readout_suppression_vs_step.png").stat().st_size > 0
+    capsys.readouterr()
+    main([*args[:-2], "--causal_arms", "[]"])  # resumed: no point is read again
+    assert "suppression" not in "".join(line for line in capsys.readouterr().out.splitlines(True)
+                                        if line.startswith("[readout]") and "/" in line.split(":")[0])
+
+
+def test_readout_names_an_unknown_arm(swept):
+    tmp, _ = swept
+    with pytest.raises(SystemExit) as exc:
+        main(["readout", "--sweep", str(tmp / "sweep.yaml"), "--arms", "[nonesuch]"])
+    assert exc.value.code != 0
+
+
+def test_spread_takes_evenly_spaced_items_in_order():
+    from refusal_lightning.experiment.readout import spread
+
+    assert spread(list("abcdefghij"), 5) == list("acegi")
+    assert spread(list("abc"), 5) == list("abc")
+
+
+def test_pictures_draw_seeds_that_agree_to_the_last_bit(tmp_path):
+    """Three seeds with refusal 0.3 at a step: their mean sits a rounding error above their range (bars of
+    -3.6e-15 made matplotlib refuse the picture in the CPU sweep's merge)."""
+    from refusal_lightning.experiment.sweep_report import write_sweep_pictures
+
+    cells = [{"arm": arm, "seed": seed, "step": step, "refusal": {"sorry_bench": 0.3 if step else 0.9},
+              "nll": {"red_heldout": 4.0 - step / 10}} for arm in ("vanilla", "orthogonal") for seed in (0, 1, 2)
+             for step in (0, 5)]
+    record = {"sweep": {"prompt_sets": ["sorry_bench"], "arms_order": ["vanilla", "orthogonal"], "cells": cells,
+                        "seeds": [0, 1, 2], "metric": "keyword@8"}}
+    paths = write_sweep_pictures(record, tmp_path)
+    assert [p.name for p in paths] == ["sweep_refusal_vs_red_nll.png", "sweep_refusal_vs_step.png"]
