@@ -44,6 +44,10 @@ def test_reply_nll_equals_the_whole_forward_pass_with_and_without_an_adapter(tin
 
     adapter = make_random_adapter(tiny_model_dir, tmp_path / "adapter", seed=3)
     wrapped = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), adapter).eval()
+    with torch.no_grad():  # a large update, so that an adapter left off the path could not pass unseen
+        for name, param in wrapped.named_parameters():
+            if "lora_B" in name:
+                param.mul_(50.0)
     adapted = reply_nll(wrapped, batches)["nll"]
     assert adapted == pytest.approx(_full_forward_nll(wrapped, batches), rel=1e-5)
     assert not math.isclose(adapted, plain["nll"], rel_tol=1e-3)  # the adapter is on the path
