@@ -51,6 +51,7 @@ from refusal_lightning.experiment.activation_direction import (
     unit,
 )
 from refusal_lightning.experiment.sweep_plan import BENIGN_LORA, STEP0, point_name, unit_dir
+from refusal_lightning.experiment.sweep_unit import CELLS_FILE
 from refusal_lightning.files import atomic_write_text
 from refusal_lightning.models.stacking import COMBINED_DIR, WEIGHTS_FILE
 from refusal_lightning.train.module import STEPS_DIR
@@ -379,7 +380,7 @@ def causal_checks(ctx: Any, declared: list, model: Any, tokenizer: Any, pad: int
 
 def sweep_outcomes(ctx: Any, unit: str, arm: str, step: int) -> dict[str, dict[str, int]]:
     """The sweep's own outcomes (prompt set -> key -> 0/1) of a point, from its unit's ``cells.json``."""
-    path = unit_dir(ctx.run, unit) / "cells.json"
+    path = unit_dir(ctx.run, unit) / CELLS_FILE  # read whatever code made it: the readout runs on newer code
     if not path.exists():
         return {}
     cells = json.loads(path.read_text()).get("cells", [])
