@@ -35,8 +35,7 @@ from typing import Any
 import torch
 
 from refusal_lightning.checksums import file_sha256
-from refusal_lightning.evaluation.metrics import wilson_interval
-from refusal_lightning.experiment.activation_direction import (
+from refusal_lightning.defences.activation_direction import (
     chat_prompt_ids,
     direction_ablated,
     direction_added,
@@ -47,16 +46,18 @@ from refusal_lightning.experiment.activation_direction import (
     projections,
     rotation_cos,
     separation,
+    spread,
     suppression,
     unit,
 )
+from refusal_lightning.defences.activation_guard import harmless_prompts
+from refusal_lightning.evaluation.metrics import wilson_interval
 from refusal_lightning.experiment.sweep_plan import BENIGN_LORA, STEP0, point_name, unit_dir
 from refusal_lightning.experiment.sweep_unit import CELLS_FILE
 from refusal_lightning.files import atomic_write_text
 from refusal_lightning.models.stacking import COMBINED_DIR, WEIGHTS_FILE
 from refusal_lightning.train.module import STEPS_DIR
 
-RETAIN_PROMPTS = "proxy/retain_proxy.jsonl"  # bundled (``sample_path``): training-side twins and facts
 READOUT_DIR = "readout"
 CONTROL = BENIGN_LORA  # the sweep's benign LoRA (the attack's recipe on benign replies): what any fine-tune does
 DIRECTION_FILE = "direction.pt"  # {layer, direction (unit), directions (every layer's difference of means)}
@@ -167,40 +168,19 @@ def template_kwargs(evaluation: Mapping[str, Any]) -> dict[str, Any]:
 def readout_prompts(ctx: Any, harmless_path: str | None, most: int) -> dict[str, list[str]]:
     """The three prompt sets: the defender's harmful questions, training-side harmless requests and the held-out
     harmful questions, at most ``most`` each (``spread`` over the file: the retain file lists its twins
-    before its facts, and both kinds belong in the harmless side)."""
-    from refusal_lightning.train.harmfulqa import (
-        defender_attacker_ids,
-        heldout_questions,
-        load_records,
-        record_id,
-        valid_records,
-    )
+    before its facts, and both kinds belong in the harmless side). The activation guard reads the same two
+    training-side sets."""
+    from refusal_lightning.train.harmfulqa import defender_questions, heldout_questions
 
     data = ctx.attack_data
     source, fraction, seed = data.get("source", "sample"), data.get("val_fraction", 0.1), data.get("seed", 0)
-    records = valid_records(load_records(source))
-    defender, _ = defender_attacker_ids(records, fraction, seed)
-    harmful = [r["question"] for r in records if record_id(r) in defender]
-    from refusal_lightning.samples import sample_path
-
-    harmless_file = Path(harmless_path) if harmless_path else sample_path(RETAIN_PROMPTS)
-    if not harmless_file.is_file():
-        raise ReadoutError(f"readout: harmless prompts {harmless_file} do not exist")
-    harmless = [json.loads(line)["prompt"] for line in harmless_file.read_text().splitlines() if line.strip()]
     heldout = [q["question"] for q in heldout_questions(source, fraction, seed)]
-    sets = {"harmful_defender": spread(harmful, most), "harmless": spread(harmless, most),
-            "harmful_heldout": spread(heldout, most)}
+    sets = {"harmful_defender": spread(defender_questions(source, fraction, seed), most),
+            "harmless": spread(harmless_prompts(harmless_path), most), "harmful_heldout": spread(heldout, most)}
     empty = [k for k, v in sets.items() if not v]
     if empty:
         raise ReadoutError(f"readout: no prompts in {empty}")
     return sets
-
-
-def spread(items: Sequence[str], most: int) -> list[str]:
-    """At most ``most`` items, evenly spaced over the list, in order (all of them when there are fewer)."""
-    if len(items) <= most:
-        return list(items)
-    return [items[i * len(items) // most] for i in range(most)]
 
 
 def touched_layers(adapter_dir: Path) -> list[int]:

@@ -52,8 +52,10 @@ def check_fingerprints(records: Mapping[str, dict], current: Mapping[str, str]) 
 
 
 def expand_step0(cells: list[dict], step0: dict, arms: Sequence[str], seeds: Sequence[int]) -> list[dict]:
-    """The refusal model's point as step 0 of every arm and seed, then every other cell."""
-    copies = [{**step0, "arm": arm, "seed": seed} for arm in arms for seed in seeds]
+    """The refusal model's point as step 0 of every arm and seed that has no step 0 of its own (LoX starts from
+    its extrapolated model), then every other cell."""
+    own = {(c["arm"], c["seed"]) for c in cells if c["step"] == 0}
+    copies = [{**step0, "arm": arm, "seed": seed} for arm in arms for seed in seeds if (arm, seed) not in own]
     return copies + cells
 
 

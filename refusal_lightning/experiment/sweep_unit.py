@@ -162,8 +162,12 @@ def fill_placeholders(value: Any, placeholders: Mapping[str, str]) -> Any:
 def unit_points(ctx: SweepContext, arm: Arm, posthoc: tuple[Arm, ...], folder: Path, fit_dir: Path
                 ) -> dict[str, tuple[str, int, Path]]:
     """Every trajectory point after step 0: ``arm@step -> (arm, step, its folder)`` (the folder holds the
-    adapter's ``combined/`` and its report); post-hoc arms are made here."""
+    adapter's ``combined/`` and its report); post-hoc arms are made here. A fit whose starting model is not the
+    refusal model (LoX extrapolates it before the attack) exports its own step 0, which is its point there."""
     points = {}
+    own_start = fit_dir / STEPS_DIR / "0"
+    if (own_start / COMBINED_DIR / WEIGHTS_FILE).exists():
+        points[point_name(arm.name, 0)] = (arm.name, 0, own_start)
     for step in (s for s in ctx.steps if s > 0):
         snapshot = fit_dir / STEPS_DIR / str(step)
         points[point_name(arm.name, step)] = (arm.name, step, snapshot)
@@ -272,11 +276,14 @@ def point_drift(folder: Path) -> float | None:
     return None
 
 
-def current_cells(ctx: SweepContext, folder: Path) -> list[dict] | None:
-    """The unit's cells when its ``cells.json`` was made with the current fingerprint, else None."""
+def current_cells(ctx: SweepContext, folder: Path, arms: set[str] | None = None) -> list[dict] | None:
+    """The unit's cells when its ``cells.json`` was made with the current fingerprint and holds every one of
+    ``arms`` (a sweep that declares a post-hoc arm the unit was first run without finishes it), else None."""
     path = folder / CELLS_FILE
     record = json.loads(path.read_text()) if path.exists() else {}
-    return record["cells"] if record.get("fingerprint") == ctx.fingerprint else None
+    if record.get("fingerprint") != ctx.fingerprint:
+        return None
+    return None if (arms or set()) - {c["arm"] for c in record["cells"]} else record["cells"]
 
 
 def write_cells(ctx: SweepContext, folder: Path, cells: list[dict], timing: Mapping[str, float]) -> None:
@@ -288,7 +295,7 @@ def write_cells(ctx: SweepContext, folder: Path, cells: list[dict], timing: Mapp
 
 def run_unit(ctx: SweepContext, arm: Arm, seed: int, posthoc: tuple[Arm, ...], folder: Path) -> list[dict]:
     """Run (or resume) one unit and return its cells (also written to ``cells.json``)."""
-    done = current_cells(ctx, folder)
+    done = current_cells(ctx, folder, {arm.name, *(a.name for a in posthoc)})
     if done is not None:
         ctx.log(f"[sweep] {folder.name}: up to date, skipped")
         return done
@@ -305,7 +312,8 @@ def run_unit(ctx: SweepContext, arm: Arm, seed: int, posthoc: tuple[Arm, ...], f
     nll = measure_nll(ctx, adapters, folder / "nll.json")
     timing["nll"] = time.time() - mark
     mark = time.time()
-    last = {name for name, (_, step, _) in points.items() if step == max(ctx.steps)}
+    # the benign set too at the last step and at an arm's own step 0 (the extrapolated model's over-refusal)
+    last = {name for name, (_, step, _) in points.items() if step in (0, max(ctx.steps))}
     evaluated = evaluate_points(ctx, adapters, last, folder)
     timing["evaluate"] = time.time() - mark
     by_name = {a.name: a for a in (arm, *posthoc)}

@@ -3,6 +3,9 @@
 Loss goes on reply tokens only: the prompt is rendered with the model's chat template and
 ``add_generation_prompt=True``, the full chat with the reply appended; the reply's tokens are what the
 full render adds after the prompt render (checked to be a prefix, else the template is reported).
+
+``data.mix`` mixes other sources' pairs into the training set at declared shares (``mixing.py``'s schedule):
+the data-mixing defence's safe examples, or a harmful share in a benign fine-tune.
 """
 
 from __future__ import annotations
@@ -12,8 +15,9 @@ import logging
 import random
 from collections import Counter
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import get_args
 
 import lightning as L
 import torch
@@ -23,14 +27,21 @@ from torchdata.stateful_dataloader import StatefulDataLoader
 from refusal_lightning.train.harmfulqa import (
     SAMPLE_SOURCE,
     DataSourceError,
+    Half,
     Pair,
     PromptMode,
+    QuestionSplit,
     Selection,
     Thread,
     extract_pairs,
     load_records,
+    normalise_question,
+    record_id,
     split_records,
+    training_ids,
+    valid_records,
 )
+from refusal_lightning.train.mixing import MixError, check_fractions, mixed_order, part_counts
 from refusal_lightning.train.refusal_markers import DEFAULT_REFUSAL_MARKERS
 
 log = logging.getLogger(__name__)
@@ -81,11 +92,13 @@ def encode_pair(tokenizer, messages: list[dict], reply: str, max_length: int,
 
 
 class PairDataset(Dataset):
-    """Encoded pairs, kept as plain lists (small) and padded per batch."""
+    """Encoded pairs, kept as plain lists (small) and padded per batch. ``origins`` says where each came
+    from: ``-1`` the main data, ``k`` the k-th part of ``data.mix``."""
 
-    def __init__(self, examples: list[Encoded], question_ids: list[int]):
+    def __init__(self, examples: list[Encoded], question_ids: list[int], origins: list[int] | None = None):
         self.examples = examples
         self.question_ids = question_ids
+        self.origins = [-1] * len(examples) if origins is None else origins
 
     def __len__(self) -> int:
         return len(self.examples)
@@ -225,6 +238,61 @@ def _percentiles(values: Sequence[int]) -> dict[str, int]:
     return {f"p{q}": ordered[min(len(ordered) - 1, int(q / 100 * len(ordered)))] for q in (5, 50, 95, 100)}
 
 
+@dataclass
+class MixPart:
+    """Pairs of another source mixed into the training set at a fixed share (one entry of ``data.mix``)."""
+
+    source: str
+    """Data source of the part, as ``data.source`` (``sample``, a local file, a hub id)."""
+    fraction: float
+    """Share of the mixed training set, in [0, 1): ``round(fraction * n)`` of its ``n`` examples."""
+    thread: Thread = "blue"
+    """``blue``: safe replies (the data-mixing defence); ``red``: harmful ones."""
+    selection: Selection = "most_indicative"
+    """Reply per conversation, as ``data.selection``."""
+    prompt: PromptMode | None = None
+    """What precedes the reply, as ``data.prompt`` (None: the datamodule's)."""
+    half: Half = "all"
+    """Records of the part's training side to draw from: ``all``, or the ``defender``'s or ``attacker``'s half."""
+
+
+# save_hyperparameters keeps the MixPart objects, so a checkpoint pickles them, and Lightning resumes with
+# ``weights_only=True`` (see HPARAM_CLASSES in module.py).
+torch.serialization.add_safe_globals([MixPart])
+
+
+def check_mix(mix: Sequence[MixPart | dict] | None) -> list[MixPart]:
+    """``data.mix`` as MixParts (dicts accepted from Python), or a MixError listing every bad part at once."""
+    parts, problems = [], []
+    for k, raw in enumerate(mix or []):
+        try:
+            part = raw if isinstance(raw, MixPart) else MixPart(**raw)
+        except TypeError as exc:
+            problems.append(f"data.mix[{k}]: {exc}")
+            continue
+        name = f"data.mix[{k}] (source '{part.source}')"
+        try:
+            check_fractions([part.fraction])
+        except MixError:
+            problems.append(f"{name}: fraction {part.fraction} is not in [0, 1)")
+        for key, kind in (("thread", Thread), ("selection", Selection), ("half", Half)):
+            if getattr(part, key) not in get_args(kind):
+                problems.append(f"{name}: unknown {key} '{getattr(part, key)}' (one of {', '.join(get_args(kind))})")
+        if part.prompt is not None and part.prompt not in get_args(PromptMode):
+            problems.append(f"{name}: unknown prompt '{part.prompt}' (one of {', '.join(get_args(PromptMode))})")
+        parts.append(part)
+    if not problems:
+        try:
+            check_fractions([p.fraction for p in parts])
+        except MixError:
+            shares = " + ".join(f"{p.fraction:g} (data.mix[{k}], '{p.source}')" for k, p in enumerate(parts))
+            problems.append(f"data.mix: the fractions {shares} sum to {sum(p.fraction for p in parts):g}; "
+                            "they must leave room for the main data (sum < 1)")
+    if problems:
+        raise MixError("; ".join(problems))
+    return parts
+
+
 class HarmfulQADataModule(L.LightningDataModule):
     """HarmfulQA blue (safe) or red (harmful) replies as causal-LM batches with reply-only labels."""
 
@@ -244,6 +312,8 @@ class HarmfulQADataModule(L.LightningDataModule):
         num_workers: int = 0,
         enable_thinking: bool | None = False,
         refusal_markers: list[str] | None = None,
+        train_half: Half = "all",
+        mix: list[MixPart] | None = None,
     ):
         """
         Args:
@@ -268,6 +338,14 @@ class HarmfulQADataModule(L.LightningDataModule):
                 None passes nothing.
             refusal_markers: markers scoring replies for ``most_indicative`` and ``non_refusal``; default: the
                 built-in selection list.
+            train_half: training pairs from the whole training side (``all``), or only from the ``defender``'s
+                half (directions, probes, calibration, the data-mixing defence's safe examples) or the
+                ``attacker``'s (attack fits: no record the defence saw). Validation is unchanged.
+            mix: other sources' pairs mixed into the training set, each a share ``fraction`` of it (e.g.
+                ``[{source: ..., thread: blue, fraction: 0.1, half: defender}]``), drawn from the part's
+                training side only. Every main pair comes once per epoch; a part short of its count repeats
+                its pairs. The order is ``mixing.mix_schedule``'s, the same each epoch, without length grouping,
+                so every 40 consecutive examples hold each part's share to within one. Validation is unchanged.
         """
         super().__init__()
         self.save_hyperparameters()
@@ -285,6 +363,10 @@ class HarmfulQADataModule(L.LightningDataModule):
         self.num_workers = num_workers
         self.template_kwargs = {} if enable_thinking is None else {"enable_thinking": enable_thinking}
         self.markers = tuple(refusal_markers) if refusal_markers else DEFAULT_REFUSAL_MARKERS
+        if train_half not in get_args(Half):
+            raise DataSourceError(f"data.train_half: unknown half '{train_half}' (one of {', '.join(get_args(Half))})")
+        self.train_half = train_half
+        self.mix = check_mix(mix)  # before anything loads
         self.tokenizer = None
         self.train_set: PairDataset | None = None
         self.val_set: PairDataset | None = None
@@ -317,6 +399,8 @@ class HarmfulQADataModule(L.LightningDataModule):
         # the evaluation's held-out questions (heldout_questions) and the judge check share one split.
         split = split_records(records, self.val_fraction, self.seed)
         train_ids, val_ids = split.record_ids("train"), split.record_ids("val")
+        if self.train_half != "all":
+            train_ids = training_ids(records, self.train_half, self.val_fraction, self.seed)
         truncation: Counter = Counter()
         encoded = {}
         for i, pair in enumerate(pairs):
@@ -333,14 +417,78 @@ class HarmfulQADataModule(L.LightningDataModule):
             return PairDataset([encoded[i] for i in idx], [pairs[i].question_id for i in idx])
 
         self.train_set, self.val_set = subset(train_ids), subset(val_ids)
+        if self.train_half != "all" and not len(self.train_set):
+            raise DataSourceError(f"no {self.thread} pairs of data source '{self.source}' in the {self.train_half}'s "
+                                  f"half of the training side (data.train_half)")
+        mix_stats = self._mix_in(records, split, tokenizer) if self.mix else None
         self.stats = self._stats(pairs, extraction.as_dict(), truncation, split.train, split.val)
         self.stats["duplicate_questions"] = split.duplicates
+        self.stats["train_half"] = self.train_half
+        self.stats["train_half_questions"] = len({split.group_of[rid] for rid in train_ids})
+        if mix_stats is not None:
+            self.stats["mix"] = mix_stats
+
+    def _mix_in(self, records: list[dict], split: QuestionSplit, tokenizer) -> dict:
+        """Replace ``train_set`` by the main pairs with every ``mix`` part placed on the schedule; its stats."""
+        assert self.train_set is not None
+        # A part from another file may repeat a held-out question under another id: its text keeps it out.
+        held_out = {normalise_question(r["question"]) for r in valid_records(records)
+                    if split.group_of[record_id(r)] in split.val}
+        loaded = {self.source: records}
+        part_pairs: list[list[Pair]] = []
+        part_stats, problems = [], []
+        for k, part in enumerate(self.mix):
+            if part.source not in loaded:
+                loaded[part.source] = load_records(part.source)
+            part_records = loaded[part.source]
+            ids = training_ids(part_records, part.half, self.val_fraction, self.seed)
+            text = {record_id(r): normalise_question(r["question"]) for r in valid_records(part_records)}
+            prompt = part.prompt or self.prompt
+            found, extraction = extract_pairs(part_records, part.thread, part.selection, prompt, self.markers)
+            on_side = [p for p in found if p.question_id in ids]
+            kept = [p for p in on_side if text[p.question_id] not in held_out]
+            if not kept:
+                problems.append(f"data.mix[{k}] (source '{part.source}'): no usable {part.thread} pairs "
+                                f"({part.selection}, prompt {prompt}) in the {part.half} training side: {len(found)} "
+                                f"pairs in all, {len(on_side)} on that side, {len(on_side) - len(kept)} of them "
+                                f"held-out questions; {json.dumps(extraction.as_dict())}")
+            part_pairs.append(kept)
+            part_stats.append({**asdict(part), "prompt": prompt, "available_pairs": len(kept),
+                               "held_out_questions_dropped": len(on_side) - len(kept)})
+        if problems:
+            raise DataSourceError("; ".join(problems))
+
+        main = self.train_set
+        fractions = [p.fraction for p in self.mix]
+        order = mixed_order(len(main), [len(p) for p in part_pairs], fractions, self.order_seed)
+        n = len(order)
+        encoded: dict[tuple[int, int], Encoded] = {}  # only the part pairs the order draws are encoded
+        examples, question_ids = [], []
+        for source, j in order:
+            if source < 0:
+                examples.append(main.examples[j])
+                question_ids.append(main.question_ids[j])
+                continue
+            pair = part_pairs[source][j]
+            if (source, j) not in encoded:
+                encoded[source, j] = encode_pair(tokenizer, pair.messages, pair.reply, self.max_length,
+                                                 self.template_kwargs)
+            examples.append(encoded[source, j])
+            question_ids.append(pair.question_id)
+        self.train_set = PairDataset(examples, question_ids, [source for source, _ in order])
+        for k, (stats, count) in enumerate(zip(part_stats, part_counts(n, fractions), strict=True)):
+            drawn = [e for (source, _), e in encoded.items() if source == k]
+            stats.update(count=count, distinct_pairs=len(drawn),
+                         reply_truncated=sum(e.reply_truncated for e in drawn),
+                         prompt_truncated=sum(e.prompt_truncated for e in drawn))
+        return {"n": n, "main_pairs": len(main), "parts": part_stats}
 
     def _stats(self, pairs: list[Pair], extraction: dict, truncation: Counter,
                train_ids: frozenset[int], val_ids: frozenset[int]) -> dict:
         assert self.train_set is not None and self.val_set is not None
         lengths = self.train_set.lengths()
-        sampler = LengthGroupedSampler(lengths, self.batch_size, self.seed, group_by_length=self.group_by_length)
+        sampler = LengthGroupedSampler(lengths, self.batch_size, self.seed, shuffle=not self.mix,
+                                       group_by_length=self.group_by_length and not self.mix)
         reply_tokens = [sum(t != IGNORE_INDEX for t in e.labels) for e in self.train_set.examples]
         return {
             "source": self.source,
@@ -369,7 +517,7 @@ class HarmfulQADataModule(L.LightningDataModule):
         path.write_text(json.dumps(self.stats, indent=2) + "\n")
         return path
 
-    def _loader(self, dataset: PairDataset, shuffle: bool) -> StatefulDataLoader:
+    def _loader(self, dataset: PairDataset, shuffle: bool, group_by_length: bool) -> StatefulDataLoader:
         trainer = getattr(self, "trainer", None)
         replicas = trainer.world_size if trainer is not None else 1
         rank = trainer.global_rank if trainer is not None else 0
@@ -378,18 +526,19 @@ class HarmfulQADataModule(L.LightningDataModule):
         # only the training order follows order_seed (validation is not shuffled)
         sampler = LengthGroupedSampler(dataset.lengths(), self.batch_size, self.order_seed if shuffle else self.seed,
                                        shuffle=shuffle,
-                                       group_by_length=self.group_by_length, num_replicas=replicas, rank=rank)
+                                       group_by_length=group_by_length, num_replicas=replicas, rank=rank)
         return StatefulDataLoader(dataset, batch_size=self.batch_size, sampler=sampler,
                                   collate_fn=collate(self.load_tokenizer().pad_token_id),
                                   num_workers=self.num_workers)
 
     def train_dataloader(self) -> StatefulDataLoader:
         assert self.train_set is not None
-        return self._loader(self.train_set, shuffle=True)
+        # A mixed set keeps the schedule's order: shuffling or length grouping would clump its parts.
+        return self._loader(self.train_set, shuffle=not self.mix, group_by_length=self.group_by_length and not self.mix)
 
     def val_dataloader(self) -> StatefulDataLoader:
         assert self.val_set is not None
-        return self._loader(self.val_set, shuffle=False)
+        return self._loader(self.val_set, shuffle=False, group_by_length=self.group_by_length)
 
     def test_dataloader(self) -> StatefulDataLoader:
         return self.val_dataloader()

@@ -30,6 +30,7 @@ from refusal_lightning.train.refusal_markers import DEFAULT_REFUSAL_MARKERS, ref
 Thread = Literal["blue", "red"]
 Selection = Literal["most_indicative", "last", "all", "non_refusal"]
 PromptMode = Literal["question", "turn", "history"]
+Half = Literal["all", "defender", "attacker"]  # the training side, or one half of it (defender_attacker_ids)
 
 HARMFULQA_HUB_ID = "declare-lab/HarmfulQA"
 SAMPLE_SOURCE = "sample"
@@ -312,6 +313,16 @@ def defender_attacker_ids(records: Iterable[object], val_fraction: float, seed: 
     return defender, split.record_ids("train") - defender
 
 
+def training_ids(records: Iterable[object], half: Half, val_fraction: float, seed: int) -> set[int]:
+    """Record ids of the training side (``all``) or of its ``defender`` or ``attacker`` half; never a held-out one."""
+    if half == "all":
+        return split_records(records, val_fraction, seed).record_ids("train")
+    if half not in ("defender", "attacker"):
+        raise ValueError(f"unknown half '{half}' (one of all, defender, attacker)")
+    defender, attacker = defender_attacker_ids(records, val_fraction, seed)
+    return defender if half == "defender" else attacker
+
+
 def heldout_questions(source: str, val_fraction: float = 0.1, seed: int = 0) -> list[dict]:
     """The validation questions (``id``, ``question``, ``topic``) of a source, split exactly as training does:
     one per question group (its smallest id's record), in file order."""
@@ -324,3 +335,11 @@ def heldout_questions(source: str, val_fraction: float = 0.1, seed: int = 0) -> 
             seen.add(rid)
             out.append({"id": rid, "question": r["question"], "topic": str(r.get("topic") or "")})
     return out
+
+
+def defender_questions(source: str, val_fraction: float = 0.1, seed: int = 0) -> list[str]:
+    """The defender's half's questions (``defender_attacker_ids``), in file order: the harmful side of the
+    activation-space direction (readout, activation guard)."""
+    records = valid_records(load_records(source))
+    defender, _ = defender_attacker_ids(records, val_fraction, seed)
+    return [r["question"] for r in records if record_id(r) in defender]

@@ -11,6 +11,7 @@ two parts are due at once, so every window of consecutive examples holds its sha
 from __future__ import annotations
 
 import math
+import random
 from collections.abc import Sequence
 
 MAIN = "main"
@@ -55,3 +56,39 @@ def mix_schedule(n: int, fractions: Sequence[float]) -> list[int]:
         else:
             schedule.append(-1)
     return schedule
+
+
+def mixed_size(main: int, fractions: Sequence[float]) -> int:
+    """The smallest ``n`` whose main share ``n - sum(part_counts(n, fractions))`` is ``main``: a mixed set
+    that holds every main example once.
+
+    The main share grows by at most one per added example and without bound, so it meets ``main``."""
+    check_fractions(fractions)
+    n = main
+    while n - sum(part_counts(n, fractions)) != main:
+        n += 1
+    return n
+
+
+def mixed_order(main: int, sizes: Sequence[int], fractions: Sequence[float], seed: int) -> list[tuple[int, int]]:
+    """``(source, index)`` of each position of the mixed training set: ``source`` is ``-1`` for the ``main``
+    examples and ``k`` for the k-th part (``sizes[k]`` examples), as ``mix_schedule(mixed_size(...))`` places them.
+
+    The main examples come shuffled by ``seed``, each part's by a seed derived from ``seed`` and ``k``; a part
+    with fewer examples than its count cycles through its shuffled order."""
+    n = mixed_size(main, fractions)
+    counts = part_counts(n, fractions)
+    empty = [k for k, (size, count) in enumerate(zip(sizes, counts, strict=True)) if count and not size]
+    if empty:
+        raise MixError(f"data.mix: parts {empty} have no examples to draw {[counts[k] for k in empty]} from")
+    orders = [list(range(main)), *(list(range(size)) for size in sizes)]
+    random.Random(seed).shuffle(orders[0])
+    for k in range(len(sizes)):
+        random.Random(f"mix:{seed}:{k}").shuffle(orders[k + 1])
+    drawn = [0] * (len(sizes) + 1)  # main first, then the parts
+    out = []
+    for source in mix_schedule(n, fractions):
+        order = orders[source + 1]
+        out.append((source, order[drawn[source + 1] % len(order)]))
+        drawn[source + 1] += 1
+    return out

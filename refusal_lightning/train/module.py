@@ -15,8 +15,11 @@ import torch
 from lightning.pytorch.cli import OptimizerCallable
 from torchmetrics import MeanMetric, SumMetric
 
+from refusal_lightning.defences.activation_guard import STATE_FILE as GUARD_FILE
+from refusal_lightning.defences.activation_guard import ActGuardConfig, ActivationGuard, build_guard
 from refusal_lightning.defences.asft import AsftConfig, build_asft_penalty
 from refusal_lightning.defences.directions import ADAPTER_NAME, build_projector
+from refusal_lightning.defences.lox import LoxConfig, lox_adapter_above
 from refusal_lightning.defences.projection import ProjectionConfig
 from refusal_lightning.files import move_files_into
 from refusal_lightning.legacy import old_paths
@@ -61,7 +64,7 @@ class LoRASettings:
 # A module built in Python (not by the CLI) pickles these into its checkpoint's ``hyper_parameters``, and
 # Lightning loads checkpoints with ``weights_only=True``, which refuses classes it was not told are safe:
 # without this such a checkpoint cannot be resumed. Their pre-subpackage paths too (``legacy``).
-HPARAM_CLASSES = (LoRASettings, ProjectionConfig, AsftConfig, RetainConfig)
+HPARAM_CLASSES = (LoRASettings, ProjectionConfig, AsftConfig, LoxConfig, RetainConfig, ActGuardConfig)
 torch.serialization.add_safe_globals([*HPARAM_CLASSES, *((c, path) for c in HPARAM_CLASSES for path in old_paths(c))])
 
 
@@ -119,7 +122,9 @@ class RefusalLoRAModule(L.LightningModule):
         min_lr_ratio: float = 0.1,
         projection: ProjectionConfig = ProjectionConfig(),
         asft: AsftConfig = AsftConfig(),
+        lox: LoxConfig = LoxConfig(),
         retain: RetainConfig = RetainConfig(),
+        act_guard: ActGuardConfig = ActGuardConfig(),
         compile: bool = False,
         loss_impl: Literal["chunked", "full", "liger"] = "chunked",
         loss_chunk_size: int = DEFAULT_CHUNK_SIZE,
@@ -146,9 +151,16 @@ class RefusalLoRAModule(L.LightningModule):
             projection: refusal-direction projection and monitoring (see projection.py).
             asft: the AsFT baseline (arXiv 2506.08473): ``lam * sum ||(I - C) B A||_F^2`` over the trained LoRA,
                 with ``C`` from the refusal update, added to the training loss (see asft.py).
+            lox: the LoX baseline (arXiv 2506.15606): the refusal LoRA's update (the last of ``merge_adapters``)
+                extrapolated along its top-``k`` singular directions, ``alpha * P_k(dW_r)``, before the attack;
+                writes ``output_dir/lox_extrapolation`` and stacks it, frozen, above the ``merge_adapters``
+                (so ``combined/`` includes it; see lox.py).
             retain: a second loss on benign prompts that keeps the base model's behaviour there while the
                 LoRA trains: KL to the base (adapter disabled) or distillation of the base's own answers
                 (see retain.py). Off by default; off, the fit is unchanged.
+            act_guard: the activation-space defence: ``lam`` times the squared change of the defender's harmful
+                probe prompts' projection on the refusal direction, read on the starting model at fit start
+                and kept in ``output_dir/act_guard.pt`` (see activation_guard.py). Off by default.
             compile: ``torch.compile`` the model (first steps are slow; pays off on long GPU runs).
             loss_impl: how the reply-token cross-entropy goes through the LM head. ``chunked``: only the
                 labelled tokens, ``loss_chunk_size`` at a time, never the ``tokens x vocab`` logits
@@ -174,6 +186,8 @@ class RefusalLoRAModule(L.LightningModule):
         self.min_lr_ratio = min_lr_ratio
         self.projection = projection
         self.retain = retain
+        self.act_guard = act_guard
+        self.guard: ActivationGuard | None = None  # built at fit start (needs the datamodule's prompts)
         self.model_name_or_path = model_name_or_path
         if any(step < 1 for step in trajectory_steps or []):
             raise TrajectoryStepsError(f"trajectory_steps are optimizer steps >= 1 (step 0 is the starting model), got "
@@ -184,6 +198,10 @@ class RefusalLoRAModule(L.LightningModule):
         # Frozen weights are reloaded from model_name_or_path; checkpoints hold trainable weights only.
         self.strict_loading = False
         self.frozen_adapters = [str(check_adapter_dir(a)) for a in merge_adapters or []]
+        if lox.enabled:  # training-free: the extrapolation is written now and applied like any frozen adapter
+            self.frozen_adapters.append(str(lox_adapter_above(lox, self.frozen_adapters, self.output_dir)))
+        # LoX changes the starting model: the trajectory's step 0 is then this fit's own, exported at fit start
+        self.own_start = lox.enabled
         self.model = self._build_peft_model(model_name_or_path, self.frozen_adapters, dtype, gradient_checkpointing)
         # from_pretrained returns eval mode and Lightning keeps a module's mode: LoRA dropout needs train().
         self.model.train()
@@ -284,6 +302,13 @@ class RefusalLoRAModule(L.LightningModule):
                 retain_loss = self.retain_loss(retain_batch)
             self.log("retain/loss", retain_loss, on_step=True, batch_size=retain_batch["input_ids"].shape[0])
             loss = loss + self.retain.weight * retain_loss
+        if self.guard is not None:  # train/loss stays the task loss; its own dropout masks, as for retain
+            with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+                penalty, projection = self.guard.term(self.model, self.global_step)
+            n = self.guard.batch_size
+            self.log("act_guard/penalty", penalty, on_step=True, batch_size=n)
+            self.log("act_guard/projection", projection, on_step=True, batch_size=n)
+            loss = loss + self.act_guard.lam * penalty
         return loss
 
     def retain_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -383,11 +408,35 @@ class RefusalLoRAModule(L.LightningModule):
         self.retain_stats["rows_with_answer"] = len(self.retain_batches)
         self.retain_stats["answer_tokens"] = sum(len(a) for a in answer_ids)
 
+    def _build_guard(self) -> None:
+        """The activation guard from the datamodule's defender half and tokenizer (fit start, before step 1)."""
+        from peft.tuners.lora import LoraLayer
+
+        from refusal_lightning.train.harmfulqa import defender_questions
+
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if datamodule is None or not hasattr(datamodule, "load_tokenizer"):
+            raise ValueError("act_guard.enabled needs the fit's HarmfulQADataModule (its defender half and tokenizer)")
+        peft_model = getattr(self.model, "_orig_mod", self.model)
+        at_init = all(not m.lora_B[ADAPTER_NAME].weight.any() for m in peft_model.modules()
+                      if isinstance(m, LoraLayer) and ADAPTER_NAME in m.lora_B)
+        layers = self.lora.layers_to_transform
+        allowed = list(layers) if layers else list(range(peft_model.config.num_hidden_layers))
+        self.guard = build_guard(self.act_guard, peft_model, datamodule.load_tokenizer(),
+                                 defender_questions(datamodule.source, datamodule.val_fraction, datamodule.seed),
+                                 allowed, self.output_dir / GUARD_FILE, datamodule.template_kwargs,
+                                 starting_model=at_init)
+
     def on_fit_start(self) -> None:
         from lightning.pytorch.strategies import FSDPStrategy
 
         if self.retain.enabled and self.retain_batches is None:
             self._build_retain_batches()
+        if self.act_guard.enabled and self.guard is None:
+            self._build_guard()
+        start = self.output_dir / STEPS_DIR / "0"
+        if self.own_start and self.trajectory_steps and self.global_step == 0 and not (start / WEIGHTS_FILE).exists():
+            self.export(start)  # the attack LoRA is still zero: base + frozen adapters (the sweep's step 0)
 
         if self.asft_penalty is not None and isinstance(self.trainer.strategy, FSDPStrategy):
             raise ValueError("the AsFT term needs whole LoRA tensors; FSDP shards them: use DDP (LoRA weights "
@@ -473,6 +522,9 @@ class RefusalLoRAModule(L.LightningModule):
                 summary = {"config": asdict(self.projection), **self.projector.summary(),
                            "drift/cos_chance": self.projector.chance_cos()}
                 (staging / "projection_stats.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+            if self.guard is not None:  # the guarded layer and scale beside the adapter
+                record = {"config": asdict(self.act_guard), **self.guard.state.summary()}
+                (staging / "act_guard_stats.json").write_text(json.dumps(record, indent=2) + "\n")
             if self.retain_stats:  # which retain prompts, and with which setting, beside the adapter
                 record = {"config": asdict(self.retain), **self.retain_stats}
                 (staging / "retain_stats.json").write_text(json.dumps(record, indent=2) + "\n")

@@ -16,7 +16,7 @@ from refusal_lightning.experiment.arms import parse_arms
 from refusal_lightning.experiment.sweep_plan import SweepConfigError, parse_shard, plan_units, shard_units
 
 SEEDS, STEPS = [0, 1], [0, 3, 6]
-ARMS = ["vanilla", "orthogonal", "safe_lora", "safe_lora_calibrated"]
+ARMS = ["vanilla", "orthogonal", "lox", "safe_lora", "safe_lora_calibrated"]
 RANDOM_MARKERS = ["is", "al", "three"]
 
 
@@ -65,9 +65,13 @@ def test_cells_hold_every_arm_seed_and_step_with_outcomes_and_nll(swept):
     assert all("drift" in c for c in cells if c["arm"] == "vanilla" and c["step"] > 0)
     rates = [r for c in cells for s, r in c["refusal"].items() if s != "benign"]
     assert 0 < sum(rates) / len(rates) < 1  # mixed outcomes: the gain test below is not trivially zero
-    # step 0 is one model: the refusal LoRA, the same cell for every arm and seed
-    zero = [c for c in cells if c["step"] == 0]
+    # step 0 is one model, the refusal LoRA, for every arm and seed but LoX, which starts from its extrapolation
+    zero = [c for c in cells if c["step"] == 0 and c["arm"] != "lox"]
     assert all(c["outcomes"] == zero[0]["outcomes"] and c["nll"] == zero[0]["nll"] for c in zero)
+    lox = [c for c in cells if c["step"] == 0 and c["arm"] == "lox"]
+    assert len(lox) == len(SEEDS) and all("benign" in c["outcomes"] for c in lox)  # its step 0's over-refusal
+    assert all(c["nll"] != zero[0]["nll"] for c in lox)  # its own model: the extrapolated refusal update
+    assert lox[0]["nll"] == lox[1]["nll"]  # training-free: the same starting model at every seed
 
 
 def test_the_attack_learns_along_its_trajectory(swept):
@@ -174,11 +178,28 @@ def test_rerun_skips_every_unit_and_merge_reproduces_results(swept, capsys):
     capsys.readouterr()
     main(["sweep", "--config", str(tmp / "sweep.yaml")])
     out = capsys.readouterr().out
-    assert out.count("up to date, skipped") == len(SEEDS) * 2  # two fit arms per seed
+    assert out.count("up to date, skipped") == len(SEEDS) * 3  # three fit arms per seed
     main(["sweep", "--config", str(tmp / "sweep.yaml"), "--merge", "true"])
     assert json.loads((tmp / "sweep" / "results.json").read_text())["sweep"]["arms"] == record["sweep"]["arms"]
     assert (tmp / "sweep" / "sweep_refusal_vs_red_nll.png").stat().st_size > 0
     assert (tmp / "sweep" / "sweep_refusal_vs_step.png").stat().st_size > 0
+
+
+def test_a_unit_run_without_a_declared_posthoc_arm_is_finished_without_refitting(swept, capsys):
+    tmp, _ = swept
+    unit = tmp / "sweep" / "units" / "vanilla-s1"
+    cells = unit / "cells.json"
+    saved = json.loads(cells.read_text())
+    weights = unit / "fit" / "adapter_model.safetensors"
+    fitted = weights.stat().st_mtime_ns
+    cells.write_text(json.dumps({**saved, "cells": [c for c in saved["cells"] if c["arm"] != "safe_lora_calibrated"]}))
+    capsys.readouterr()
+    main(["sweep", "--config", str(tmp / "sweep.yaml")])
+    out = capsys.readouterr().out
+    assert out.count("up to date, skipped") == len(SEEDS) * 3 - 1 and "vanilla-s1: done" in out
+    assert weights.stat().st_mtime_ns == fitted  # the fit is reused: only the missing arm's points are made
+    again = json.loads(cells.read_text())["cells"]
+    assert sorted((c["arm"], c["step"]) for c in again) == sorted((c["arm"], c["step"]) for c in saved["cells"])
 
 
 def test_merge_refuses_foreign_and_missing_units(swept, capsys):
@@ -243,7 +264,15 @@ def test_the_cpu_sweep_declares_the_issues_grid():
     config = yaml.safe_load((REPO / "configs/cpu/sweep.yaml").read_text())
     arms = parse_arms(config["arms"], yaml.safe_load((REPO / config["pipeline"]).read_text())["attack_config"])
     assert [a.name for a in arms] == ["vanilla", "vanilla_lowlr", "orthogonal", "subspace", "asft", "asft_l2",
-                                      "asft_random", "safe_lora", "safe_lora_calibrated"]
+                                      "asft_random", "act_guard", "data_mix_p05", "data_mix_p10", "lox", "safe_lora",
+                                      "safe_lora_calibrated"]
+    by_name = {a.name: a for a in arms}
+    lam = next(o for o in by_name["act_guard"].overrides if o.startswith("--model.act_guard.lam="))
+    assert float(lam.split("=", 1)[1]) > 0  # the weight chosen on the validation split (README)
+    for arm, fraction in (("data_mix_p05", 0.05), ("data_mix_p10", 0.1)):
+        (mix,) = by_name[arm].overrides
+        part = yaml.safe_load(mix.split("=", 1)[1])[0]
+        assert part["fraction"] == fraction and part["half"] == "defender" and part["thread"] == "blue"
     steps = check_grid(config["seeds"], config["trajectory_steps"], arms)
     assert len(config["seeds"]) == 3 and len(steps) >= 5
     attack = yaml.safe_load((REPO / "configs/cpu/attack.yaml").read_text())
@@ -338,7 +367,7 @@ def test_readout_names_an_unknown_arm(swept):
 
 
 def test_spread_takes_evenly_spaced_items_in_order():
-    from refusal_lightning.experiment.readout import spread
+    from refusal_lightning.defences.activation_direction import spread
 
     assert spread(list("abcdefghij"), 5) == list("acegi")
     assert spread(list("abc"), 5) == list("abc")

@@ -58,6 +58,13 @@ def chat_prompt_ids(tokenizer: Any, questions: Sequence[str], chat_template_kwar
     return out
 
 
+def spread(items: Sequence[str], most: int) -> list[str]:
+    """At most ``most`` items, evenly spaced over the list, in order (all of them when there are fewer)."""
+    if len(items) <= most:
+        return list(items)
+    return [items[i * len(items) // most] for i in range(most)]
+
+
 def left_padded(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``input_ids`` and ``attention_mask`` with the padding on the left (the last column is every row's last
     token)."""

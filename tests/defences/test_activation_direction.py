@@ -8,7 +8,7 @@ import copy
 import pytest
 import torch
 
-from refusal_lightning.experiment.activation_direction import (
+from refusal_lightning.defences.activation_direction import (
     direction_ablated,
     direction_added,
     last_token_residuals,
