@@ -21,7 +21,7 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -65,6 +65,12 @@ class ActGuardConfig:
     share nothing with the evaluated sets)."""
     layer: int | None = None
     """Decoder layer of the direction (None: the readout's rule, the touched layer of highest separation)."""
+    direction: Literal["refusal", "random"] = "refusal"
+    """``refusal``: the difference of means. ``random`` (the control): a seeded random unit direction at the same
+    layer, its projections kept in the same units (the refusal direction's gap), so that ``lam`` means the same:
+    does keeping the refusal feature matter, or does any activation constraint of that size do the work?"""
+    direction_seed: int = 0
+    """Seed of the ``random`` direction."""
 
 
 @dataclass
@@ -105,8 +111,9 @@ def harmless_prompts(source: str | None) -> list[str]:
 @torch.no_grad()
 def fit_guard(model: torch.nn.Module, tokenizer: Any, harmful: Sequence[str], harmless: Sequence[str],
               allowed_layers: Sequence[int], layer: int | None = None, template_kwargs: dict | None = None,
-              batch_size: int = 16) -> GuardState:
-    """The direction, layer and reference projections on ``model`` as it is now (the starting model)."""
+              batch_size: int = 16, random_direction_seed: int | None = None) -> GuardState:
+    """The direction, layer and reference projections on ``model`` as it is now (the starting model);
+    ``random_direction_seed``: guard a seeded random direction instead (the gap stays the refusal direction's)."""
     if not harmful or not harmless:
         raise ActGuardError(f"act_guard: {len(harmful)} harmful and {len(harmless)} harmless prompts; both are "
                             "needed for the direction")
@@ -122,12 +129,14 @@ def fit_guard(model: torch.nn.Module, tokenizer: Any, harmful: Sequence[str], ha
                             "the attack cannot move it there")
     chosen = layer if layer is not None else pick_layer(scores, allowed_layers)
     direction = unit(directions[chosen])
-    reference = h_acts[chosen] @ direction
-    gap = float(reference.mean() - (b_acts[chosen] @ direction).mean())
+    gap = float((h_acts[chosen] @ direction).mean() - (b_acts[chosen] @ direction).mean())
     if not gap > 0:
         raise ActGuardError(f"act_guard: the harmful prompts do not project above the harmless ones at layer {chosen} "
                             f"(gap {gap:.3g}): no refusal feature to keep")
-    return GuardState(chosen, direction, h_ids, reference, gap, [float(s) for s in scores])
+    if random_direction_seed is not None:
+        generator = torch.Generator().manual_seed(random_direction_seed)
+        direction = unit(torch.randn(direction.shape, generator=generator, dtype=direction.dtype))
+    return GuardState(chosen, direction, h_ids, h_acts[chosen] @ direction, gap, [float(s) for s in scores])
 
 
 class _StopForward(Exception):
@@ -195,7 +204,8 @@ def build_guard(cfg: ActGuardConfig, model: torch.nn.Module, tokenizer: Any, har
                                 "init, so the refusal model's direction cannot be read from this model")
         state = fit_guard(model, tokenizer, spread(harmful, cfg.max_prompts),
                           spread(harmless_prompts(cfg.harmless_source), cfg.max_prompts), allowed_layers,
-                          cfg.layer, template_kwargs)
+                          cfg.layer, template_kwargs,
+                          random_direction_seed=cfg.direction_seed if cfg.direction == "random" else None)
         state_path.parent.mkdir(parents=True, exist_ok=True)
         state.save(state_path)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id

@@ -16,7 +16,7 @@ import json
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +32,8 @@ from refusal_lightning.specs import split_spec
 from refusal_lightning.user_errors import exit_on_user_error
 
 # stages besides the arms' own (each arm is a stage named after it, between directions and nll)
-FIXED_STAGES: tuple[str, ...] = ("tiny_model", "prepare_model", "refusal", "directions", "nll", "evaluate")
+FIXED_STAGES: tuple[str, ...] = ("tiny_model", "prepare_model", "refusal", "directions", "nll", "evaluate",
+                                 "activation")
 
 
 class PipelineError(RuntimeError):
@@ -167,6 +168,7 @@ def pipeline(
     endpoints: dict[str, str] | None = None,
     evaluation: dict[str, Any] | None = None,
     nll_max_pairs: int | None = 128,
+    activation: dict[str, Any] | None = None,
     force: list[str] | None = None,
     until: str | None = None,
 ) -> dict | None:
@@ -199,6 +201,9 @@ def pipeline(
         evaluation: arguments for ``evaluate``, as in its ``--config`` (prompts, judge, generation, samples,
             ...), checked before any stage runs; ``judge: KIND`` and ``judge_url: URL`` are short forms.
         nll_max_pairs: held-out pairs per thread (red, blue) for the NLL of each model (None: all).
+        activation: the activation stage's settings (``max_prompts``, ``causal``, ``max_new_tokens``,
+            ``batch_size``; ``{}``: the defaults): the readout of every model, into
+            ``models.<name>.activation`` (activation_stage.py). None: no such stage.
         force: stages to redo even when up to date (their downstream stages are redone too): ``refusal``,
             ``directions``, an arm's name, ``nll``, ``evaluate``, ...
         until: stop after this stage (e.g. ``orthogonal``: train everything, then start vLLM on the
@@ -220,14 +225,30 @@ def pipeline(
         from refusal_lightning.evaluation.runner import evaluate_arguments
 
         eval_args = evaluate_arguments(evaluation or {}, "evaluation")  # a wrong key fails now, not after the fits
+        settings = activation_settings(activation)
         return _run_pipeline(Path(run_dir), base_model, build_tiny_model, prepare_model, Path(refusal_config),
                              declared, list(fit_overrides or []), serve, endpoints, evaluation or {}, eval_args,
-                             nll_max_pairs, set(force or []), until)
+                             nll_max_pairs, set(force or []), until, settings)
     except ArmsError as exc:
         raise PipelineError(str(exc)) from None
     except _StopAfter:
         print(f"[pipeline] stopped after '{until}' as asked")
         return None
+
+
+def activation_settings(section: dict[str, Any] | None) -> Any:
+    """The ``activation:`` section typed (None: no stage); an unknown key fails before any stage runs."""
+    if section is None:
+        return None
+    from dataclasses import fields
+
+    from refusal_lightning.experiment.activation_stage import ActivationSettings
+
+    known = {f.name for f in fields(ActivationSettings)}
+    unknown = sorted(set(section) - known)
+    if unknown:
+        raise PipelineError(f"activation: unknown keys {unknown} (known: {', '.join(sorted(known))})")
+    return ActivationSettings(**section)
 
 
 def _arm_configs(run: Path, arms: list[Arm], refusal_cfg: Path, overrides: list[str]) -> dict[str, Path]:
@@ -254,7 +275,7 @@ def _arm_configs(run: Path, arms: list[Arm], refusal_cfg: Path, overrides: list[
 def _run_pipeline(run: Path, base_model: str, build_tiny_model: bool, prepare_model: bool, refusal_cfg: Path,
                   arms: list[Arm], overrides: list[str], serve: bool,
                   endpoints: dict[str, str] | None, evaluation: dict[str, Any], eval_args: dict[str, Any],
-                  nll_max_pairs: int | None, forced: set[str], until: str | None) -> dict:
+                  nll_max_pairs: int | None, forced: set[str], until: str | None, activation: Any = None) -> dict:
     arm_cfgs = _arm_configs(run, arms, refusal_cfg, overrides)
     run.mkdir(parents=True, exist_ok=True)
     state = State(run / "pipeline_state.json")
@@ -398,10 +419,28 @@ def _run_pipeline(run: Path, base_model: str, build_tiny_model: bool, prepare_mo
           [eval_dir / "summary.json"],
           run_evaluation, clear=[eval_dir])
 
+    # 7. the readout of every model (optional): the refusal direction in activation space
+    activation_path = run / "activation.json"
+    if activation is not None:
+        def measure_activation(_: bool) -> None:
+            from refusal_lightning.experiment.activation_stage import model_activation
+
+            values = model_activation(base_model, fits["refusal"].output_dir,
+                                      {k: v for k, v in served.items() if k != "refusal"}, attack_data, eval_args,
+                                      activation)
+            atomic_write_text(activation_path, json.dumps(values, indent=2) + "\n")
+
+        stage("activation", [model_prints, adapter_prints, attack_data, asdict(activation), {**heldout, **evaluation}],
+              [activation_path], measure_activation, clear=[])
+
     reports = {arm.name: (arm.transform, arm_dirs[arm.name] / TRANSFORMS[arm.transform].report,
                           TRANSFORMS[arm.transform].report_keys) for arm in arms if not arm.is_fit}
     results = collect_results(eval_dir, {a: d for a, d in arm_dirs.items() if a not in reports},
                               json.loads(nll_path.read_text()), models, reports)
+    if activation is not None:
+        for name, values in json.loads(activation_path.read_text()).items():
+            if name in results["models"]:
+                results["models"][name]["activation"] = values
     judge: JudgeSettings = eval_args.get("judge", JudgeSettings())
     if judge.kind in ("keyword", "both"):
         from refusal_lightning.evaluation.judges import load_markers

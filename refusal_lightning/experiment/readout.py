@@ -108,8 +108,8 @@ def readout(
     out_dir = ctx.run / READOUT_DIR
     out_dir.mkdir(parents=True, exist_ok=True)
     started = time.time()
-    prompts = readout_prompts(ctx, harmless_prompts, max_prompts)
-    model, tokenizer = _load(ctx.base_model, ctx.refusal_dir)
+    prompts = readout_prompts(ctx.attack_data, harmless_prompts, max_prompts)
+    model, tokenizer = load_refusal_model(ctx.base_model, ctx.refusal_dir)
     template = template_kwargs(ctx.last_eval)
     ids = {k: chat_prompt_ids(tokenizer, v, template) for k, v in prompts.items()}
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -165,14 +165,14 @@ def template_kwargs(evaluation: Mapping[str, Any]) -> dict[str, Any]:
     return {"enable_thinking": False} if getattr(generation, "disable_thinking", True) else {}
 
 
-def readout_prompts(ctx: Any, harmless_path: str | None, most: int) -> dict[str, list[str]]:
+def readout_prompts(attack_data: Mapping[str, Any], harmless_path: str | None, most: int) -> dict[str, list[str]]:
     """The three prompt sets: the defender's harmful questions, training-side harmless requests and the held-out
     harmful questions, at most ``most`` each (``spread`` over the file: the retain file lists its twins
     before its facts, and both kinds belong in the harmless side). The activation guard reads the same two
-    training-side sets."""
+    training-side sets. ``attack_data``: the attack's data section (its source, split fraction and seed)."""
     from refusal_lightning.train.harmfulqa import defender_questions, heldout_questions
 
-    data = ctx.attack_data
+    data = attack_data
     source, fraction, seed = data.get("source", "sample"), data.get("val_fraction", 0.1), data.get("seed", 0)
     heldout = [q["question"] for q in heldout_questions(source, fraction, seed)]
     sets = {"harmful_defender": spread(defender_questions(source, fraction, seed), most),
@@ -264,9 +264,9 @@ def suppression_summary(points: Mapping[str, Mapping[str, Any]], ref: Mapping[st
 
 def trajectory_points(ctx: Any, declared: list, arms: Sequence[str], seeds: Sequence[int], benign_seed: int = 0
                       ) -> dict[str, tuple[str, int, int, Path | None]]:
-    """``point -> (arm, seed, step, adapter folder)``: step 0 (the refusal model, adapter None) and every
-    finished snapshot of the chosen arms and seeds (a missing one is said and skipped). The benign LoRA, the
-    control, was trained once, at the sweep's first seed."""
+    """``point -> (arm, seed, step, adapter folder)``: step 0 (the refusal model, adapter None; an arm's own
+    step 0 where its fit exported one) and every finished snapshot of the chosen arms and seeds (a missing one
+    is said and skipped). The benign LoRA, the control, was trained once, at the sweep's first seed."""
     points: dict[str, tuple[str, int, int, Path | None]] = {point_name("refusal", 0): ("refusal", -1, 0, None)}
     by_name = {a.name: a for a in declared}
     wanted = [(arm, seed) for seed in seeds for arm in arms if arm != CONTROL]
@@ -280,11 +280,11 @@ def trajectory_points(ctx: Any, declared: list, arms: Sequence[str], seeds: Sequ
         else:
             folder = unit_dir(ctx.run, f"{spec.name if spec.is_fit else spec.of}-s{seed}")
             base_of = folder / "fit" / STEPS_DIR if spec.is_fit else folder / arm
-        for step in (s for s in ctx.steps if s > 0):
+        for step in ctx.steps:  # step 0 only where the fit starts from its own model (LoX)
             adapter = base_of / str(step) / COMBINED_DIR
             if (adapter / WEIGHTS_FILE).exists():
                 points[f"{point_name(arm, step)}-s{seed}"] = (arm, seed, step, adapter)
-            else:
+            elif step > 0:
                 missing.append(f"{arm}@{step}-s{seed}")
     if missing:
         print(f"[readout] not run yet, skipped: {', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''}",
@@ -308,16 +308,8 @@ def causal_checks(ctx: Any, declared: list, model: Any, tokenizer: Any, pad: int
     each attacked arm's last point with and without the restoring addition (and its random control)."""
     if not arms:
         return {}
-    from refusal_lightning.evaluation.prompts import load_prompts
-
     ev = ctx.last_eval
-    found = load_prompts(prompts=ev.get("prompts"), harmfulqa_source=ev.get("harmfulqa_source"),
-                         harmfulqa_val_fraction=ev.get("harmfulqa_val_fraction", 0.1),
-                         harmfulqa_seed=ev.get("harmfulqa_seed", 0), benign_prompts=ev.get("benign_prompts"),
-                         limit=ev.get("limit"))
-    sets = {s: [p for p in found.prompts if p.prompt_set == s] for s in CAUSAL_SETS}
-    twins = [p for p in found.prompts if p.prompt_set == "benign" and not p.reference]
-
+    sets, twins = causal_prompts(ev)
     markers = getattr(ev.get("judge"), "refusal_markers", None)  # the sweep's own judge
     template = template_kwargs(ev)
     temperature = getattr(ev.get("generation"), "temperature", 0.0)
@@ -356,6 +348,20 @@ def causal_checks(ctx: Any, declared: list, model: Any, tokenizer: Any, pad: int
         out[arm] = entry
         print(f"[readout] causal check of {arm}: {time.time() - started:.0f}s so far", flush=True)
     return out
+
+
+def causal_prompts(evaluation: Mapping[str, Any]) -> tuple[dict[str, list], list]:
+    """The evaluated harmful sets (``CAUSAL_SETS``) and the contrast twins (benign items without a reference)
+    that the evaluation arguments name."""
+    from refusal_lightning.evaluation.prompts import load_prompts
+
+    ev = evaluation
+    found = load_prompts(prompts=ev.get("prompts"), harmfulqa_source=ev.get("harmfulqa_source"),
+                         harmfulqa_val_fraction=ev.get("harmfulqa_val_fraction", 0.1),
+                         harmfulqa_seed=ev.get("harmfulqa_seed", 0), benign_prompts=ev.get("benign_prompts"),
+                         limit=ev.get("limit"))
+    sets = {s: [p for p in found.prompts if p.prompt_set == s] for s in CAUSAL_SETS}
+    return sets, [p for p in found.prompts if p.prompt_set == "benign" and not p.reference]
 
 
 def sweep_outcomes(ctx: Any, unit: str, arm: str, step: int) -> dict[str, dict[str, int]]:
@@ -422,7 +428,7 @@ def annotate_sweep_results(path: Path, readouts: Mapping[str, Mapping[str, Any]]
     atomic_write_text(path, json.dumps(results, indent=1) + "\n")
 
 
-def _load(base_model: str, refusal_dir: Path) -> tuple[Any, Any]:
+def load_refusal_model(base_model: str, refusal_dir: Path) -> tuple[Any, Any]:
     from peft import PeftModel
     from transformers import AutoTokenizer
 

@@ -94,6 +94,19 @@ def test_term_is_zero_on_the_starting_model_and_its_gradient_reaches_only_the_at
     assert any(f"layers.{guard.state.layer}." in n and "lora_B" in n for n in got)
 
 
+def test_the_random_direction_control_keeps_the_layer_and_the_refusal_gap(tiny_model_dir, refusal, tmp_path):
+    module = attack_module(tiny_model_dir, refusal, tmp_path)
+    tok = tokenizer_of(tiny_model_dir)
+    real = fit_guard(module.model, tok, HARMFUL, HARMLESS, allowed_layers=[0, 1])
+    control = fit_guard(module.model, tok, HARMFUL, HARMLESS, allowed_layers=[0, 1], random_direction_seed=3)
+    assert control.layer == real.layer and control.gap == real.gap  # the same units: lam means the same
+    assert abs(float(control.direction @ real.direction)) < 0.5 and abs(float(control.direction.norm()) - 1) < 1e-6
+    again = fit_guard(module.model, tok, HARMFUL, HARMLESS, allowed_layers=[0, 1], random_direction_seed=3)
+    torch.testing.assert_close(again.direction, control.direction)  # seeded
+    residuals = last_token_residuals(module.model, chat_prompt_ids(tok, HARMFUL), tok.pad_token_id)
+    torch.testing.assert_close(control.reference, residuals[control.layer] @ control.direction)
+
+
 def test_penalty_is_the_mean_squared_change_in_gap_units():
     got = guard_penalty(torch.tensor([1.0, 3.0]), torch.tensor([2.0, 2.0]), gap=2.0)
     assert float(got) == pytest.approx(0.25)  # ((-1/2)^2 + (1/2)^2) / 2

@@ -84,6 +84,18 @@ def test_pipeline_writes_every_artifact(demo_run):
     check = results["judge_check"]  # the keyword judge's recall on held-out refusals, beside the rates
     assert check["n_blue"] > 0 and 0 < check["blue_refusal_recall"] <= 1 and check["red_false_refusal"] == 0
     assert "Keyword judge check" in text
+    # the activation stage: the readout of every model (the refusal model is its own reference)
+    refusal = models["refusal"]["activation"]
+    assert refusal["suppression"] == 1.0 and refusal["rotation_cos"] == 1.0
+    assert set(refusal["ablated_refusal"]) == {"sorry_bench", "harmfulqa_heldout"}
+    for attack in ("vanilla", "orthogonal", "subspace", "safe_lora", "asft"):
+        act = models[attack]["activation"]
+        assert act["layer"] == refusal["layer"] and -1 <= act["rotation_cos"] <= 1
+        assert act["suppression"] != 1.0 and act["restored_alpha"] >= 0
+        for stats in act["restored_refusal"].values():
+            assert 0 <= stats["ci_low"] <= stats["rate"] <= stats["ci_high"] <= 1 and stats["n"] > 0
+        assert "restored_twin_refusal" in act  # None here: the limited benign sample has no contrast twins
+    assert "activation" not in models["base"]
     tb = {p.parent.parent.name for p in (run / "tensorboard").rglob("events.out.tfevents.*")}
     assert tb == {"refusal_lora", "attack_vanilla", "attack_orthogonal", "attack_subspace", "attack_asft"}
 
@@ -103,7 +115,7 @@ def test_rerun_skips_finished_stages_and_force_redoes_one(demo_run, capsys):
     capsys.readouterr()
     main(["pipeline", "--config", str(path)])
     out = capsys.readouterr().out
-    for stage in ("tiny_model", "refusal", "directions", "vanilla", "orthogonal", "nll", "evaluate"):
+    for stage in ("tiny_model", "refusal", "directions", "vanilla", "orthogonal", "nll", "evaluate", "activation"):
         assert f"[pipeline] {stage}: up to date, skipped" in out
     assert before == {p: p.stat().st_mtime_ns for p in run.rglob("adapter_model.safetensors")}
 

@@ -264,11 +264,13 @@ def test_the_cpu_sweep_declares_the_issues_grid():
     config = yaml.safe_load((REPO / "configs/cpu/sweep.yaml").read_text())
     arms = parse_arms(config["arms"], yaml.safe_load((REPO / config["pipeline"]).read_text())["attack_config"])
     assert [a.name for a in arms] == ["vanilla", "vanilla_lowlr", "orthogonal", "subspace", "asft", "asft_l2",
-                                      "asft_random", "act_guard", "data_mix_p05", "data_mix_p10", "lox", "safe_lora",
-                                      "safe_lora_calibrated"]
+                                      "asft_random", "act_guard", "act_guard_random", "data_mix_p05", "data_mix_p10",
+                                      "lox", "lox_tuned", "safe_lora", "safe_lora_calibrated"]
     by_name = {a.name: a for a in arms}
     lam = next(o for o in by_name["act_guard"].overrides if o.startswith("--model.act_guard.lam="))
     assert float(lam.split("=", 1)[1]) > 0  # the weight chosen on the validation split (README)
+    control = by_name["act_guard_random"].overrides
+    assert lam in control and "--model.act_guard.direction=random" in control  # the same weight, another direction
     for arm, fraction in (("data_mix_p05", 0.05), ("data_mix_p10", 0.1)):
         (mix,) = by_name[arm].overrides
         part = yaml.safe_load(mix.split("=", 1)[1])[0]
@@ -317,7 +319,7 @@ def test_readout_follows_the_direction_along_every_trajectory_and_resumes(swept,
     assert result["layer"] in result["allowed_layers"] and len(result["separation"]) == 2
     assert result["prompts"] == {"harmful_defender": 5, "harmless": 5, "harmful_heldout": 5}
     points = {(p["arm"], p["seed"], p["step"]): p for p in result["points"]}
-    trained = {(a, s, t) for a in ARMS for s in SEEDS for t in STEPS if t}
+    trained = {(a, s, t) for a in ARMS for s in SEEDS for t in STEPS if t or a == "lox"}  # LoX's own step 0
     control = {("benign_lora", SEEDS[0], t) for t in STEPS if t}  # any fine-tune's effect: the control
     assert set(points) == {("refusal", -1, 0)} | trained | control
     assert points[("refusal", -1, 0)]["suppression"] == pytest.approx(1.0)  # the reference is itself
@@ -325,7 +327,7 @@ def test_readout_follows_the_direction_along_every_trajectory_and_resumes(swept,
     # the suppression of one attacked point, recomputed without the readout's code path
     saved = torch.load(out / "direction.pt")
     ctx, *_ = sweep_context(tmp / "sweep.yaml")
-    prompts = readout_prompts(ctx, None, 5)
+    prompts = readout_prompts(ctx.attack_data, None, 5)
     layer, r = saved["layer"], saved["direction"]
     h_ref = _independent_projection(ctx.base_model, ctx.refusal_dir, prompts["harmful_heldout"], layer, r)
     b_ref = _independent_projection(ctx.base_model, ctx.refusal_dir, prompts["harmless"], layer, r)
