@@ -37,15 +37,15 @@ PROXY = REPO / "refusal_lightning/data/proxy"
 CONFIG = REPO / "configs/cpu/attack.yaml"
 
 
-def fit(lam: float, out: Path) -> Path:
-    """One attack fit with the guard at ``lam`` (0: off); its output folder."""
+def fit(lam: float, out: Path, direction: str = "refusal") -> Path:
+    """One attack fit with the guard at ``lam`` (0: off) along ``direction``; its output folder."""
     name = f"lam_{lam:g}".replace(".", "p")
     folder = out / name
     if (folder / "combined" / "adapter_model.safetensors").exists():
         return folder
     cfg = yaml.safe_load(CONFIG.read_text().replace("{arm}", name))
     cfg["model"]["output_dir"] = str(folder)
-    cfg["model"]["act_guard"] = {"enabled": lam > 0, "lam": lam}
+    cfg["model"]["act_guard"] = {"enabled": lam > 0, "lam": lam, "direction": direction}
     cfg["trainer"]["log_every_n_steps"] = 1
     cfg["trainer"]["logger"]["init_args"].update(save_dir=str(out / "tensorboard"), name=name)
     cfg["trainer"]["callbacks"][0]["init_args"]["dirpath"] = str(folder / "checkpoints")
@@ -85,10 +85,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--loss_margin", type=float, default=0.10)
     parser.add_argument("--base_model", default="artifacts/models/smollm2-135m-instruct")
     parser.add_argument("--out", type=Path, default=Path("artifacts/act_guard_tune"))
+    parser.add_argument("--direction", choices=["refusal", "random"], default="refusal",
+                        help="random: the control, the same term along a seeded random direction")
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     lams = sorted({0.0, *args.lams})
-    fits = {lam: fit(lam, args.out) for lam in lams}
+    fits = {lam: fit(lam, args.out, args.direction) for lam in lams}
 
     from refusal_lightning.evaluation.client import GenerationSettings
     from refusal_lightning.evaluation.judges import JudgeSettings
