@@ -19,9 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import yaml
@@ -29,6 +27,11 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # run as a script from anywhere
     sys.path.insert(0, str(REPO))
+
+if str(REPO / "scripts") not in sys.path:
+    sys.path.insert(0, str(REPO / "scripts"))
+
+from tuning_fit import run_fit  # noqa: E402
 
 from refusal_lightning.files import atomic_write_text  # noqa: E402
 from refusal_lightning.formatting import interval  # noqa: E402
@@ -44,17 +47,9 @@ def fit(lam: float, out: Path, direction: str = "refusal") -> Path:
     if (folder / "combined" / "adapter_model.safetensors").exists():
         return folder
     cfg = yaml.safe_load(CONFIG.read_text().replace("{arm}", name))
-    cfg["model"]["output_dir"] = str(folder)
     cfg["model"]["act_guard"] = {"enabled": lam > 0, "lam": lam, "direction": direction}
     cfg["trainer"]["log_every_n_steps"] = 1
-    cfg["trainer"]["logger"]["init_args"].update(save_dir=str(out / "tensorboard"), name=name)
-    cfg["trainer"]["callbacks"][0]["init_args"]["dirpath"] = str(folder / "checkpoints")
-    path = out / f"{name}.yaml"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump(cfg))
-    started = time.time()
-    subprocess.run([sys.executable, "-m", "refusal_lightning", "fit", "--config", str(path)], check=True, cwd=REPO)
-    print(f"[tune] lam {lam:g}: fit in {time.time() - started:.0f}s", flush=True)
+    run_fit(cfg, folder, out, f"lam {lam:g}")
     return folder
 
 

@@ -21,9 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import yaml
@@ -31,6 +29,11 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # run as a script from anywhere
     sys.path.insert(0, str(REPO))
+
+if str(REPO / "scripts") not in sys.path:
+    sys.path.insert(0, str(REPO / "scripts"))
+
+from tuning_fit import run_fit  # noqa: E402
 
 from refusal_lightning.files import atomic_write_text  # noqa: E402
 from refusal_lightning.formatting import interval  # noqa: E402
@@ -71,15 +74,7 @@ def fit(setting: str, out: Path, heldout_facts: int) -> Path:
         return folder
     cfg = yaml.safe_load(CONFIG.read_text())
     cfg["model"]["retain"] = retain_section(setting, heldout_facts)
-    cfg["model"]["output_dir"] = str(folder)
-    cfg["trainer"]["logger"]["init_args"].update(save_dir=str(out / "tensorboard"), name=folder.name)
-    cfg["trainer"]["callbacks"][0]["init_args"]["dirpath"] = str(folder / "checkpoints")
-    path = out / f"{folder.name}.yaml"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump(cfg))
-    started = time.time()
-    subprocess.run([sys.executable, "-m", "refusal_lightning", "fit", "--config", str(path)], check=True, cwd=REPO)
-    print(f"[tune] {setting}: fit in {time.time() - started:.0f}s", flush=True)
+    run_fit(cfg, folder, out, setting)
     return folder
 
 
