@@ -487,8 +487,8 @@ class HarmfulQADataModule(L.LightningDataModule):
                train_ids: frozenset[int], val_ids: frozenset[int]) -> dict:
         assert self.train_set is not None and self.val_set is not None
         lengths = self.train_set.lengths()
-        sampler = LengthGroupedSampler(lengths, self.batch_size, self.seed, shuffle=not self.mix,
-                                       group_by_length=self.group_by_length and not self.mix)
+        shuffle, grouped = self._train_order()
+        sampler = LengthGroupedSampler(lengths, self.batch_size, self.seed, shuffle=shuffle, group_by_length=grouped)
         reply_tokens = [sum(t != IGNORE_INDEX for t in e.labels) for e in self.train_set.examples]
         return {
             "source": self.source,
@@ -531,10 +531,15 @@ class HarmfulQADataModule(L.LightningDataModule):
                                   collate_fn=collate(self.load_tokenizer().pad_token_id),
                                   num_workers=self.num_workers)
 
+    def _train_order(self) -> tuple[bool, bool]:
+        """``(shuffle, group_by_length)`` of the training order. A mixed set keeps the schedule's order:
+        shuffling or length grouping would clump its parts."""
+        return not self.mix, self.group_by_length and not self.mix
+
     def train_dataloader(self) -> StatefulDataLoader:
         assert self.train_set is not None
-        # A mixed set keeps the schedule's order: shuffling or length grouping would clump its parts.
-        return self._loader(self.train_set, shuffle=not self.mix, group_by_length=self.group_by_length and not self.mix)
+        shuffle, grouped = self._train_order()
+        return self._loader(self.train_set, shuffle=shuffle, group_by_length=grouped)
 
     def val_dataloader(self) -> StatefulDataLoader:
         assert self.val_set is not None
