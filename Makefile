@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 # The CPU wheel on the dev/CI machine; override for CUDA boxes (make TORCH_PIN=torch).
 TORCH_PIN ?= torch==2.13.0
 
-.PHONY: demo demo-baselines sweep smoke test test-slow lint bench clean-artifacts setup
+.PHONY: demo demo-baselines sweep sweep-mechanism smoke test test-slow lint bench clean-artifacts setup
 
 setup: $(STAMP)
 
@@ -27,6 +27,9 @@ demo-baselines: $(STAMP)  # the demo plus Safe LoRA and AsFT rows (reuses the de
 
 sweep: $(STAMP)  # every arm x 3 seeds x the attack's trajectory on the demo's refusal model (run make demo first)
 	HF_HUB_OFFLINE=1 $(PY) -m refusal_lightning sweep --config configs/cpu/sweep.yaml
+
+sweep-mechanism: $(STAMP)  # data mixing, LoX and act_guard's same-weight control x 3 seeds, own vanilla frontier (after make demo)
+	HF_HUB_OFFLINE=1 $(PY) -m refusal_lightning sweep --config configs/cpu/sweep_mechanism.yaml
 
 smoke: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) -m refusal_lightning pipeline --config configs/tiny/pipeline.yaml

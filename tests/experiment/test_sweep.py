@@ -258,28 +258,43 @@ def test_the_schedule_control_note_follows_its_interval():
     assert schedule_note({}, ["sorry_bench"]) == ""  # no such arm in the sweep: nothing to say
 
 
+def _cpu_sweep(name: str) -> tuple[dict, dict]:
+    config = yaml.safe_load((REPO / "configs/cpu" / name).read_text())
+    arms = parse_arms(config["arms"], yaml.safe_load((REPO / config["pipeline"]).read_text())["attack_config"])
+    return config, {a.name: a for a in arms}
+
+
 def test_the_cpu_sweep_declares_the_issues_grid():
     from refusal_lightning.experiment.sweep_plan import check_grid
 
-    config = yaml.safe_load((REPO / "configs/cpu/sweep.yaml").read_text())
-    arms = parse_arms(config["arms"], yaml.safe_load((REPO / config["pipeline"]).read_text())["attack_config"])
-    assert [a.name for a in arms] == ["vanilla", "vanilla_lowlr", "orthogonal", "subspace", "asft", "asft_l2",
-                                      "asft_random", "act_guard", "act_guard_random", "data_mix_p05", "data_mix_p10",
-                                      "lox", "lox_tuned", "safe_lora", "safe_lora_calibrated"]
-    by_name = {a.name: a for a in arms}
+    config, by_name = _cpu_sweep("sweep.yaml")
+    assert list(by_name) == ["vanilla", "vanilla_lowlr", "orthogonal", "subspace", "asft", "asft_l2", "asft_random",
+                             "act_guard", "act_guard_random_matched", "safe_lora", "safe_lora_calibrated"]
     lam = next(o for o in by_name["act_guard"].overrides if o.startswith("--model.act_guard.lam="))
     assert float(lam.split("=", 1)[1]) > 0  # the weight chosen on the validation split (README)
-    control = by_name["act_guard_random"].overrides
-    assert lam in control and "--model.act_guard.direction=random" in control  # the same weight, another direction
-    for arm, fraction in (("data_mix_p05", 0.05), ("data_mix_p10", 0.1)):
-        (mix,) = by_name[arm].overrides
-        part = yaml.safe_load(mix.split("=", 1)[1])[0]
-        assert part["fraction"] == fraction and part["half"] == "defender" and part["thread"] == "blue"
-    steps = check_grid(config["seeds"], config["trajectory_steps"], arms)
+    matched = by_name["act_guard_random_matched"].overrides
+    assert "--model.act_guard.direction=random" in matched and lam not in matched  # its own, cost-matched weight
+    steps = check_grid(config["seeds"], config["trajectory_steps"], list(by_name.values()))
     assert len(config["seeds"]) == 3 and len(steps) >= 5
     attack = yaml.safe_load((REPO / "configs/cpu/attack.yaml").read_text())
     assert steps[-1] >= attack["trainer"]["max_steps"]  # the trajectory reaches at least the demo's attack
     assert config["benign_lora"]["overrides"] == ["--data.thread=blue", "--data.selection=non_refusal"]
+
+
+def test_the_mechanism_sweep_shares_the_sweeps_settings_and_refits_its_own_frontier():
+    config, by_name = _cpu_sweep("sweep.yaml")
+    other, arms = _cpu_sweep("sweep_mechanism.yaml")
+    assert {k: v for k, v in other.items() if k not in ("arms", "run_dir")} == \
+        {k: v for k, v in config.items() if k not in ("arms", "run_dir")}
+    assert other["run_dir"] != config["run_dir"]  # its merge must not overwrite make sweep's results
+    assert list(arms) == ["vanilla", "act_guard_random", "data_mix_p05", "data_mix_p10", "lox", "lox_tuned"]
+    lam = next(o for o in by_name["act_guard"].overrides if o.startswith("--model.act_guard.lam="))
+    control = arms["act_guard_random"].overrides
+    assert lam in control and "--model.act_guard.direction=random" in control  # the same weight, another direction
+    for arm, fraction in (("data_mix_p05", 0.05), ("data_mix_p10", 0.1)):
+        (mix,) = arms[arm].overrides
+        part = yaml.safe_load(mix.split("=", 1)[1])[0]
+        assert part["fraction"] == fraction and part["half"] == "defender" and part["thread"] == "blue"
 
 
 def _independent_projection(base_dir, adapter, questions, layer, direction) -> float:
