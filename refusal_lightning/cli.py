@@ -29,6 +29,7 @@ Other commands (`COMMAND --help`):
   pipeline   refusal fit -> directions -> the arms (attacks, defences) -> serve -> evaluate, from one config
   sweep      every arm x seeds x attack trajectory on a pipeline's refusal model, against vanilla's frontier
   readout    the activation-space refusal direction along a finished sweep's trajectories, with causal checks
+  utility    a benign task with a fraction p of harmful replies, per arm: harmful score and fine-tune accuracy
   preflight  check the real run before it spends GPU time: Hub access, data, vLLM commands, memory
 """
 
@@ -46,6 +47,7 @@ COMMAND_TARGETS = {
     "pipeline": "refusal_lightning.experiment.pipeline:pipeline",
     "sweep": "refusal_lightning.experiment.sweep:sweep",
     "readout": "refusal_lightning.experiment.readout:readout",
+    "utility": "refusal_lightning.experiment.utility:utility",
     "preflight": "refusal_lightning.experiment.preflight:preflight",
 }
 

@@ -101,7 +101,7 @@ def run_bounded(items: Iterable[Any], work: Callable[[Any], Any], handle_batch: 
     return fatal
 
 
-def _progress(total: int, desc: str, enabled: bool) -> tqdm:
+def progress_bar(total: int, desc: str, enabled: bool) -> tqdm:
     return tqdm(total=total, desc=desc, unit="req", disable=not enabled, file=sys.stderr, dynamic_ncols=True)
 
 
@@ -168,7 +168,7 @@ def collect_responses(client: ChatClient, endpoint: str, model: str, items: Sequ
         log.append_many([row for _, row in new])
         rows.update((item.key(endpoint), row) for item, row in new)
 
-    with _progress(len(items), f"generate {endpoint}", progress) as bar:
+    with progress_bar(len(items), f"generate {endpoint}", progress) as bar:
         fatal = run_bounded(items, work, record, concurrency, bar, name=f"eval-{endpoint}")
     if fatal is not None:
         raise fatal
@@ -212,7 +212,7 @@ def judge_responses(judge: KeywordJudge | LLMJudge, responses: dict[ResponseKey,
             stop.set()
             raise
 
-    with _progress(len(todo), desc, progress) as bar:
+    with progress_bar(len(todo), desc, progress) as bar:
         fatal = run_bounded(todo, work, record, concurrency, bar, name="judge")
     if fatal is not None:
         raise fatal

@@ -4,6 +4,9 @@ final number (GSM8K: the number after ``####``, else the last number in the answ
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
+
+from refusal_lightning.train.task_data import TaskFormat
 
 NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
 
@@ -38,3 +41,8 @@ def number_correct(answer: str, reference: str) -> bool:
     """The answer's final number equals the reference's."""
     got, want = final_number(answer), final_number(reference)
     return got is not None and got == want
+
+
+def task_scorer(format: TaskFormat) -> Callable[[str, str], bool]:
+    """How a task's answer is scored against its reference: the final number (gsm8k), else the label."""
+    return number_correct if format == "gsm8k" else label_correct

@@ -164,7 +164,7 @@ def prepare_sweep(config: dict[str, Any], fit_overrides: list[str]) -> tuple[Swe
                        steps=steps, point_eval=point_eval, last_eval=last_eval, metric=metric,
                        nll_max_pairs=config["nll_max_pairs"], fit_overrides=overrides, fingerprint=fingerprint,
                        placeholders={BENIGN_LORA: str(unit_dir(run, BENIGN_LORA) / "fit")},
-                       log=functools.partial(print, flush=True))
+                       log=functools.partial(print, flush=True), eval_section=eval_section)
     return ctx, declared, plan_units(declared, seeds), seeds
 
 

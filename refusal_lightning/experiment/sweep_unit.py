@@ -60,6 +60,7 @@ class SweepContext:
     fingerprint: dict[str, str]
     placeholders: dict[str, str] = field(default_factory=dict)
     log: Callable[..., None] = print
+    eval_section: dict[str, Any] = field(default_factory=dict)  # the evaluation settings as written (untyped)
 
 
 def seeded_config(text: str, out: Path, seed: int, steps: list[int], logger_dir: Path, name: str) -> str:
@@ -138,7 +139,7 @@ def clear_derived(ctx: SweepContext, folder: Path, fit_dir: Path | None, posthoc
     atomic_write_text(stamp, json.dumps(current, indent=2) + "\n")
 
 
-def _transform(ctx: SweepContext, arm: Arm, snapshot: Path, out: Path) -> None:
+def transform_point(ctx: SweepContext, arm: Arm, snapshot: Path, out: Path) -> None:
     import importlib
 
     if (out / COMBINED_DIR / WEIGHTS_FILE).exists():
@@ -173,7 +174,7 @@ def unit_points(ctx: SweepContext, arm: Arm, posthoc: tuple[Arm, ...], folder: P
         points[point_name(arm.name, step)] = (arm.name, step, snapshot)
         for other in posthoc:
             out = folder / other.name / str(step)
-            _transform(ctx, other, snapshot, out)
+            transform_point(ctx, other, snapshot, out)
             points[point_name(other.name, step)] = (other.name, step, out)
     return points
 

@@ -5,7 +5,8 @@ Loss goes on reply tokens only: the prompt is rendered with the model's chat tem
 full render adds after the prompt render (checked to be a prefix, else the template is reported).
 
 ``data.mix`` mixes other sources' pairs into the training set at declared shares (``mixing.py``'s schedule):
-the data-mixing defence's safe examples, or a harmful share in a benign fine-tune.
+the data-mixing defence's safe examples, or a harmful share in a benign fine-tune. ``data.task`` makes a benign
+task's ``{prompt, answer}`` rows (``task_data.py``) the main data in place of HarmfulQA's pairs.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ from refusal_lightning.train.harmfulqa import (
 )
 from refusal_lightning.train.mixing import MixError, check_fractions, mixed_order, part_counts
 from refusal_lightning.train.refusal_markers import DEFAULT_REFUSAL_MARKERS
+from refusal_lightning.train.task_data import TaskData, check_task, load_task_rows, split_task_rows
 
 log = logging.getLogger(__name__)
 IGNORE_INDEX = -100
@@ -92,8 +94,9 @@ def encode_pair(tokenizer, messages: list[dict], reply: str, max_length: int,
 
 
 class PairDataset(Dataset):
-    """Encoded pairs, kept as plain lists (small) and padded per batch. ``origins`` says where each came
-    from: ``-1`` the main data, ``k`` the k-th part of ``data.mix``."""
+    """Encoded pairs, kept as plain lists (small) and padded per batch. ``question_ids``: each pair's HarmfulQA
+    record id, or a task row's position in its source (``data.task``). ``origins`` says where each came from:
+    ``-1`` the main data, ``k`` the k-th part of ``data.mix``."""
 
     def __init__(self, examples: list[Encoded], question_ids: list[int], origins: list[int] | None = None):
         self.examples = examples
@@ -256,9 +259,9 @@ class MixPart:
     """Records of the part's training side to draw from: ``all``, or the ``defender``'s or ``attacker``'s half."""
 
 
-# save_hyperparameters keeps the MixPart objects, so a checkpoint pickles them, and Lightning resumes with
-# ``weights_only=True`` (see HPARAM_CLASSES in module.py).
-torch.serialization.add_safe_globals([MixPart])
+# save_hyperparameters keeps the MixPart and TaskData objects, so a checkpoint pickles them, and Lightning
+# resumes with ``weights_only=True`` (see HPARAM_CLASSES in module.py).
+torch.serialization.add_safe_globals([MixPart, TaskData])
 
 
 def check_mix(mix: Sequence[MixPart | dict] | None) -> list[MixPart]:
@@ -294,7 +297,7 @@ def check_mix(mix: Sequence[MixPart | dict] | None) -> list[MixPart]:
 
 
 class HarmfulQADataModule(L.LightningDataModule):
-    """HarmfulQA blue (safe) or red (harmful) replies as causal-LM batches with reply-only labels."""
+    """HarmfulQA blue (safe) or red (harmful) replies, or a task's answers, as batches with reply-only labels."""
 
     def __init__(
         self,
@@ -314,6 +317,7 @@ class HarmfulQADataModule(L.LightningDataModule):
         refusal_markers: list[str] | None = None,
         train_half: Half = "all",
         mix: list[MixPart] | None = None,
+        task: TaskData | None = None,
     ):
         """
         Args:
@@ -346,6 +350,13 @@ class HarmfulQADataModule(L.LightningDataModule):
                 training side only. Every main pair comes once per epoch; a part short of its count repeats
                 its pairs. The order is ``mixing.mix_schedule``'s, the same each epoch, without length grouping,
                 so every 40 consecutive examples hold each part's share to within one. Validation is unchanged.
+            task: a benign fine-tuning task as the main data (e.g. ``{source: .../sentiment_train.jsonl}``, or
+                ``{source: stanfordnlp/sst2, format: sst2}``): each row's prompt as the user turn, its answer as
+                the reply; ``val_fraction`` of its rows (by id, ``seed``) are the validation set. ``thread``,
+                ``selection``, ``prompt`` and ``train_half`` then do not shape the main data (``prompt`` is still
+                the mix parts' default); ``source`` only names the HarmfulQA questions held out of every mix
+                part. With ``mix: [{source: ..., thread: red, fraction: p, half: attacker}]``: the harmful
+                fine-tuning threat model, a benign task with a share p of harmful replies.
         """
         super().__init__()
         self.save_hyperparameters()
@@ -367,6 +378,7 @@ class HarmfulQADataModule(L.LightningDataModule):
             raise DataSourceError(f"data.train_half: unknown half '{train_half}' (one of {', '.join(get_args(Half))})")
         self.train_half = train_half
         self.mix = check_mix(mix)  # before anything loads
+        self.task = check_task(task)
         self.tokenizer = None
         self.train_set: PairDataset | None = None
         self.val_set: PairDataset | None = None
@@ -388,29 +400,47 @@ class HarmfulQADataModule(L.LightningDataModule):
         if self.train_set is not None:
             return
         tokenizer = self.load_tokenizer()
+        # HarmfulQA's records are the main data, or (with a task) only the held-out questions every mix part
+        # must leave out. One split serves blue fit, red fits, the evaluation's held-out questions
+        # (heldout_questions) and the judge check.
         records = load_records(self.source)
+        split = split_records(records, self.val_fraction, self.seed)
+        if self.task is None:
+            self.stats = self._harmfulqa_main(records, split)
+        else:
+            self.stats = self._task_main()
+        mix_stats = self._mix_in(records, split, tokenizer) if self.mix else None
+        self.stats.update(self._set_stats())
+        if mix_stats is not None:
+            self.stats["mix"] = mix_stats
+
+    def _encode(self, pairs: Sequence[tuple[list[dict], str]]) -> tuple[list[Encoded], Counter]:
+        """Every ``(messages, reply)`` encoded, and how many had their prompt or reply cut."""
+        tokenizer = self.load_tokenizer()
+        truncation: Counter = Counter()
+        encoded = []
+        for messages, reply in pairs:
+            enc = encode_pair(tokenizer, messages, reply, self.max_length, self.template_kwargs)
+            truncation["prompt_truncated"] += enc.prompt_truncated
+            truncation["reply_truncated"] += enc.reply_truncated
+            encoded.append(enc)
+        if truncation["reply_truncated"]:
+            log.warning("%d replies longer than max_length=%d were cut at the end (kept, not dropped)",
+                        truncation["reply_truncated"], self.max_length)
+        return encoded, truncation
+
+    def _harmfulqa_main(self, records: list[dict], split: QuestionSplit) -> dict:
+        """Set ``train_set`` and ``val_set`` to HarmfulQA's ``thread`` pairs on each side of ``split``; their stats."""
         pairs, extraction = extract_pairs(records, self.thread, self.selection, self.prompt, self.markers)
         if not pairs:
             raise DataSourceError(
                 f"no usable {self.thread} pairs in data source '{self.source}': "
                 f"{json.dumps(extraction.as_dict())}"
             )
-        # Split the question groups of all valid records, not of this thread's pairs: blue fit, red fits,
-        # the evaluation's held-out questions (heldout_questions) and the judge check share one split.
-        split = split_records(records, self.val_fraction, self.seed)
         train_ids, val_ids = split.record_ids("train"), split.record_ids("val")
         if self.train_half != "all":
             train_ids = training_ids(records, self.train_half, self.val_fraction, self.seed)
-        truncation: Counter = Counter()
-        encoded = {}
-        for i, pair in enumerate(pairs):
-            enc = encode_pair(tokenizer, pair.messages, pair.reply, self.max_length, self.template_kwargs)
-            truncation["prompt_truncated"] += enc.prompt_truncated
-            truncation["reply_truncated"] += enc.reply_truncated
-            encoded[i] = enc
-        if truncation["reply_truncated"]:
-            log.warning("%d replies longer than max_length=%d were cut at the end (kept, not dropped)",
-                        truncation["reply_truncated"], self.max_length)
+        encoded, truncation = self._encode([(p.messages, p.reply) for p in pairs])
 
         def subset(ids: set[int]) -> PairDataset:
             idx = [i for i, p in enumerate(pairs) if p.question_id in ids]
@@ -420,16 +450,46 @@ class HarmfulQADataModule(L.LightningDataModule):
         if self.train_half != "all" and not len(self.train_set):
             raise DataSourceError(f"no {self.thread} pairs of data source '{self.source}' in the {self.train_half}'s "
                                   f"half of the training side (data.train_half)")
-        mix_stats = self._mix_in(records, split, tokenizer) if self.mix else None
-        self.stats = self._stats(pairs, extraction.as_dict(), truncation, split.train, split.val)
-        self.stats["duplicate_questions"] = split.duplicates
-        self.stats["train_half"] = self.train_half
-        self.stats["train_half_questions"] = len({split.group_of[rid] for rid in train_ids})
-        if mix_stats is not None:
-            self.stats["mix"] = mix_stats
+        return {
+            "source": self.source,
+            "thread": self.thread,
+            "selection": self.selection,
+            "prompt": self.prompt,
+            **extraction.as_dict(),
+            "pairs": len(pairs),
+            "train_questions": len(split.train),
+            "val_questions": len(split.val),
+            "refusal_score_histogram": dict(sorted(Counter(p.refusal_score for p in pairs).items())),
+            "share_selected_with_refusal_marker": sum(p.refusal_score > 0 for p in pairs) / len(pairs),
+            "truncation": dict(truncation),
+            "duplicate_questions": split.duplicates,
+            "train_half": self.train_half,
+            "train_half_questions": len({split.group_of[rid] for rid in train_ids}),
+        }
+
+    def _task_main(self) -> dict:
+        """Set ``train_set`` and ``val_set`` to the task's rows, split by id; their stats."""
+        assert self.task is not None
+        rows = load_task_rows(self.task)
+        train_rows, val_rows = split_task_rows(rows, self.val_fraction, self.seed)
+        encoded, truncation = self._encode([([{"role": "user", "content": r["prompt"]}], r["answer"]) for r in rows])
+        position = {row["id"]: i for i, row in enumerate(rows)}
+
+        def subset(chosen: list[dict]) -> PairDataset:
+            idx = [position[r["id"]] for r in chosen]
+            return PairDataset([encoded[i] for i in idx], idx)
+
+        self.train_set, self.val_set = subset(train_rows), subset(val_rows)
+        return {
+            "source": self.source,  # its held-out questions stay out of every mix part
+            "task": {**asdict(self.task), "rows": len(rows), "train_rows": len(train_rows),
+                     "val_rows": len(val_rows)},
+            "truncation": dict(truncation),
+        }
 
     def _mix_in(self, records: list[dict], split: QuestionSplit, tokenizer) -> dict:
-        """Replace ``train_set`` by the main pairs with every ``mix`` part placed on the schedule; its stats."""
+        """Replace ``train_set`` by the main pairs (HarmfulQA's or the task's) with every ``mix`` part placed on
+        the schedule; its stats. ``records`` and ``split`` are ``source``'s: its held-out questions stay out."""
         assert self.train_set is not None
         # A part from another file may repeat a held-out question under another id: its text keeps it out.
         held_out = {normalise_question(r["question"]) for r in valid_records(records)
@@ -483,28 +543,17 @@ class HarmfulQADataModule(L.LightningDataModule):
                          prompt_truncated=sum(e.prompt_truncated for e in drawn))
         return {"n": n, "main_pairs": len(main), "parts": part_stats}
 
-    def _stats(self, pairs: list[Pair], extraction: dict, truncation: Counter,
-               train_ids: frozenset[int], val_ids: frozenset[int]) -> dict:
+    def _set_stats(self) -> dict:
+        """Sizes, lengths and padding of the training set as it trains (mixed, if ``mix`` is set)."""
         assert self.train_set is not None and self.val_set is not None
         lengths = self.train_set.lengths()
         shuffle, grouped = self._train_order()
         sampler = LengthGroupedSampler(lengths, self.batch_size, self.seed, shuffle=shuffle, group_by_length=grouped)
         reply_tokens = [sum(t != IGNORE_INDEX for t in e.labels) for e in self.train_set.examples]
         return {
-            "source": self.source,
-            "thread": self.thread,
-            "selection": self.selection,
-            "prompt": self.prompt,
             "max_length": self.max_length,
-            **extraction,
-            "pairs": len(pairs),
             "train_pairs": len(self.train_set),
             "val_pairs": len(self.val_set),
-            "train_questions": len(train_ids),
-            "val_questions": len(val_ids),
-            "refusal_score_histogram": dict(sorted(Counter(p.refusal_score for p in pairs).items())),
-            "share_selected_with_refusal_marker": sum(p.refusal_score > 0 for p in pairs) / len(pairs),
-            "truncation": dict(truncation),
             "token_length_percentiles": _percentiles(lengths),
             "reply_token_percentiles": _percentiles(reply_tokens),
             "padding_efficiency": padding_efficiency(lengths, sampler._batches()),
