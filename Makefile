@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 # The CPU wheel on the dev/CI machine; override for CUDA boxes (make TORCH_PIN=torch).
 TORCH_PIN ?= torch==2.13.0
 
-.PHONY: demo demo-baselines sweep sweep-mechanism smoke test test-slow lint bench clean-artifacts setup
+.PHONY: demo demo-baselines sweep sweep-mechanism sweep-utility smoke test test-slow lint bench clean-artifacts setup
 
 setup: $(STAMP)
 
@@ -30,6 +30,9 @@ sweep: $(STAMP)  # every arm x 3 seeds x the attack's trajectory on the demo's r
 
 sweep-mechanism: $(STAMP)  # data mixing, LoX and act_guard's same-weight control x 3 seeds, own vanilla frontier (after make demo)
 	HF_HUB_OFFLINE=1 $(PY) -m refusal_lightning sweep --config configs/cpu/sweep_mechanism.yaml
+
+sweep-utility: $(STAMP)  # a benign task with a fraction p of red replies, per arm: harmful score and task accuracy (after make demo)
+	HF_HUB_OFFLINE=1 $(PY) -m refusal_lightning utility --config configs/cpu/sweep_utility.yaml
 
 smoke: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) -m refusal_lightning pipeline --config configs/tiny/pipeline.yaml
