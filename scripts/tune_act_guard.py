@@ -74,6 +74,12 @@ def choose(rows: list[dict], margin: float) -> dict:
     return max(eligible, key=lambda r: (r["refusal"], -r["lam"]))
 
 
+def matched(rows: list[dict], loss: float) -> dict:
+    """The guarded row (lam > 0) whose final training loss is nearest ``loss``: a control's weight at the cost
+    another arm pays (``--match_loss``, e.g. act_guard's 2.714); ties go to the smaller lam."""
+    return min((r for r in rows if r["lam"] > 0), key=lambda r: (abs(r["final_train_loss"] - loss), r["lam"]))
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--lams", nargs="+", type=float, default=[0.0, 1.0, 10.0, 100.0])
@@ -82,6 +88,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=Path("artifacts/act_guard_tune"))
     parser.add_argument("--direction", choices=["refusal", "random"], default="refusal",
                         help="random: the control, the same term along a seeded random direction")
+    parser.add_argument("--match_loss", type=float, default=None,
+                        help="choose the lam whose final training loss is nearest this (a control at another "
+                             "arm's training cost) instead of the refusal rule")
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     lams = sorted({0.0, *args.lams})
@@ -115,7 +124,7 @@ def main(argv: list[str] | None = None) -> None:
                "final_penalty": penalty[-1] if penalty else None}
         rows.append(row)
     fitted = [r for r in rows if r["lam"] is not None]
-    chosen = choose(fitted, args.loss_margin)
+    chosen = choose(fitted, args.loss_margin) if args.match_loss is None else matched(fitted, args.match_loss)
 
     table = ["| model | validation refusal | twin over-refusal | final train loss | final guard term |",
              "|---|---:|---:|---:|---:|"]
@@ -125,7 +134,8 @@ def main(argv: list[str] | None = None) -> None:
         mark = " (chosen)" if r is chosen else ""
         table.append(f"| {r['model']}{mark} | {100 * r['refusal']:.0f}% {interval(*r['refusal_ci'], decimals=0)} "
                      f"| {100 * r['twin_refusal']:.0f}% {interval(*r['twin_ci'], decimals=0)} | {loss} | {term} |")
-    result = {"lams": lams, "loss_margin": args.loss_margin, "chosen_lam": chosen["lam"], "rows": rows,
+    result = {"lams": lams, "loss_margin": args.loss_margin, "match_loss": args.match_loss,
+              "chosen_lam": chosen["lam"], "direction": args.direction, "rows": rows,
               "metric": "keyword@8", "prompts": ["validation_sorry_proxy.jsonl", "validation_benign_proxy.jsonl"]}
     atomic_write_text(args.out / "tune.json", json.dumps(result, indent=2) + "\n")
     atomic_write_text(args.out / "tune.md", "\n".join(table) + f"\n\nchosen lam: {chosen['lam']:g}\n")

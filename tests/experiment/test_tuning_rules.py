@@ -25,6 +25,16 @@ def test_act_guard_weight_is_the_best_validation_refusal_that_still_learns():
     assert choose(rows[:1], 0.10)["lam"] == 0.0  # nothing but vanilla: the rule cannot invent a defence
 
 
+def test_the_cost_matched_control_takes_the_weight_nearest_the_arms_training_loss():
+    matched = _script("tune_act_guard").matched
+    # the random direction's validation run (README): act_guard's final training loss was 2.714
+    rows = [{"lam": 0.0, "final_train_loss": 2.545}, {"lam": 30.0, "final_train_loss": 2.551},
+            {"lam": 300.0, "final_train_loss": 2.736}, {"lam": 1000.0, "final_train_loss": 3.363}]
+    assert matched(rows, 2.714)["lam"] == 300.0
+    assert matched(rows, 2.5)["lam"] == 30.0  # never vanilla: a control must be guarded
+    assert matched(rows, 9.0)["lam"] == 1000.0
+
+
 def test_lox_takes_the_largest_extrapolation_that_stays_a_sane_refusal_model():
     choose = _script("tune_lox").choose
     ref = {"alpha": None, "k": None, "energy": None, "refusal": 0.90, "twin_refusal": 0.40}
