@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import shutil
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -36,13 +35,22 @@ import yaml
 from refusal_lightning.experiment.arms import Arm
 from refusal_lightning.experiment.sweep import sweep_context
 from refusal_lightning.experiment.sweep_plan import BENIGN_LORA, SweepConfigError
-from refusal_lightning.experiment.sweep_unit import SweepContext, fit_unit, read_outcomes, transform_point, write_cells
+from refusal_lightning.experiment.sweep_unit import (
+    SweepContext,
+    clear_derived,
+    fit_unit,
+    read_outcomes,
+    transform_point,
+    write_cells,
+)
 from refusal_lightning.experiment.utility_stats import grid_rows
 from refusal_lightning.files import atomic_write_text
 from refusal_lightning.models.stacking import COMBINED_DIR
 from refusal_lightning.train.module import STEPS_DIR
 
 REFERENCE_UNIT = "reference"  # the base and refusal models' answers, once
+# a unit's answers (the sweep's last-step folder name, so clear_derived forgets them with the model they answer)
+ANSWERS_DIR = "eval_last"
 MIX_PREFIX = "--data.mix="
 
 
@@ -217,13 +225,13 @@ def _ask(ctx: SweepContext, adapters: dict[str, Path | None], folder: Path, eval
 
     served = {name: path for name, path in adapters.items() if path is not None}
     models = {name: name if path is not None else "base" for name, path in adapters.items()}
+    answers = folder / ANSWERS_DIR
     with ServerProcess(ctx.base_model, served, folder / "serve.log", max_batch_size=ask["concurrency"]) as server:
-        evaluate(endpoint=[f"{n}={server.url}#{m}" for n, m in models.items()], output_dir=str(folder / "eval"),
-                 **eval_args)
-        task = ask_task(server.url, list(models.values()), ask["rows"], ask["scorer"], folder / "task",
+        evaluate(endpoint=[f"{n}={server.url}#{m}" for n, m in models.items()], output_dir=str(answers), **eval_args)
+        task = ask_task(server.url, list(models.values()), ask["rows"], ask["scorer"], answers / "task",
                         max_tokens=ask["max_tokens"], concurrency=ask["concurrency"])
     results: dict[str, dict] = {}
-    read_outcomes(folder / "eval" / "outcomes.jsonl", results)
+    read_outcomes(answers / "outcomes.jsonl", results)
     for name, model in models.items():
         results.setdefault(name, {"outcomes": {}})["outcomes"]["task"] = task[model]["outcomes"]
     return results
@@ -252,6 +260,7 @@ def _reference(ctx: SweepContext, eval_args: dict, ask: dict) -> dict:
     done = _current(ctx, folder)
     if done is None:
         started = time.time()
+        clear_derived(ctx, folder, None, (), refit=False)  # answers given under other settings are not resumed
         answers = _ask(ctx, {"base": None, "refusal": ctx.refusal_dir}, folder, eval_args, ask)
         done = [_cell(name, -1, 0.0, answers.get(name, {}).get("outcomes", {})) for name in ("base", "refusal")]
         write_cells(ctx, folder, done, {"evaluate": time.time() - started})
@@ -274,9 +283,8 @@ def run_utility_unit(ctx: SweepContext, unit: UtilityUnit, overrides: list[str],
         return done
     started = time.time()
     fit_dir, refit = fit_unit(ctx, dataclasses.replace(unit.arm, overrides=tuple(overrides)), unit.seed, folder)
-    if refit:  # answers of an earlier fit must not be resumed
-        for stale in [folder / "eval", folder / "task", *(folder / a.name for a in unit.posthoc)]:
-            shutil.rmtree(stale, ignore_errors=True)
+    # answers (and post-hoc adapters) of an earlier fit or under other settings are not resumed
+    clear_derived(ctx, folder, fit_dir, unit.posthoc, refit)
     fitted = time.time() - started
     snapshot = fit_dir / STEPS_DIR / str(max(ctx.steps))
     adapters: dict[str, Path | None] = {unit.arm.name: snapshot / COMBINED_DIR}

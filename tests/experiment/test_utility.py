@@ -144,7 +144,7 @@ def test_the_tiny_grid_writes_the_utility_cells_contract(utility_run):
     assert stats["task"]["source"].endswith("sentiment_train.jsonl")
     (part,) = stats["mix"]["parts"]
     assert part["thread"] == "red" and part["half"] == "attacker" and part["count"] == round(0.1 * stats["mix"]["n"])
-    answers = (tmp / "utility/units/vanilla-p0-s0/task/task_answers.jsonl").read_text().splitlines()
+    answers = (tmp / "utility/units/vanilla-p0-s0/eval_last/task/task_answers.jsonl").read_text().splitlines()
     assert len(answers) == config["heldout_limit"]
 
 
@@ -170,3 +170,24 @@ def test_the_real_grid_reads_sst2_from_the_hub_through_the_same_options():
     task, heldout = check_task(config["task"]), check_task(config["heldout"])
     assert (task.source, task.format, task.split) == ("stanfordnlp/sst2", "sst2", "train")
     assert heldout.split == "validation"  # SST2's test split is unlabelled
+
+
+def test_the_controls_script_counts_label_answers_and_one_label_accuracy(tmp_path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("utility_controls", REPO / "scripts" / "utility_controls.py")
+    controls = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(controls)
+    rows = [{"answer": "positive"}, {"answer": "negative"}, {"answer": "negative"}, {"answer": "Negative"}]
+    assert controls.constant_answers(rows) == {"negative": 0.75, "positive": 0.25}
+    unit = tmp_path / "vanilla-p0.1-s0"
+    (unit / "eval_last" / "task").mkdir(parents=True)
+    answers = [("sorry_bench", "Positive."), ("sorry_bench", "I'm sorry, I can't"), ("sorry_bench", "negative"),
+               ("benign", "positive")]
+    (unit / "eval_last" / "responses.jsonl").write_text("".join(
+        json.dumps({"endpoint": "vanilla", "prompt_set": s, "response": r}) + "\n" for s, r in answers))
+    (unit / "eval_last" / "task" / "task_answers.jsonl").write_text("".join(
+        json.dumps({"model": "vanilla", "answer": a}) + "\n" for a in ("positive", "positive", "negative")))
+    got = controls.unit_controls(unit, {"positive", "negative"})["vanilla"]
+    assert (got["harmful_answers"], got["label_answers"]) == (3, 2)  # the benign answer is not counted
+    assert got["task_first_words"] == {"positive": 2, "negative": 1}
