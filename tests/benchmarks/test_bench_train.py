@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 from conftest import REPO
 
 SCRIPT = REPO / "scripts" / "bench_train.py"
@@ -56,6 +57,8 @@ def test_bench_train_tiny_writes_the_json_contract(tmp_path):
     assert "| vanilla |" in table and "| plain |" in table
 
 
+# slow (15 s): the benchmark's no-TRL path; test_bench_train_tiny_writes_the_json_contract covers the harness
+@pytest.mark.slow
 def test_bench_train_without_trl_notes_the_skip_and_probes_memory(tmp_path):
     """TRL missing -> a note in ``skipped``, not a crash; ``--mem probe`` measures each runner in a subprocess."""
     fake = tmp_path / "no_trl" / "trl"

@@ -130,6 +130,8 @@ def test_rerun_skips_finished_stages_and_force_redoes_one(demo_run, capsys):
     assert "[pipeline] nll: running" in out
 
 
+# slow (15 s): scripts/sweep_baselines.py, superseded by the sweep command (tests/experiment/test_sweep.py)
+@pytest.mark.slow
 def test_sweep_baselines_on_the_validation_split(demo_run, capsys):
     import importlib.util
 
