@@ -42,6 +42,14 @@ def make_random_adapter(model_dir: Path, out: Path, seed: int,
     return out
 
 
+def tiny_pipeline_config() -> dict:
+    """configs/tiny/pipeline.yaml with its fit configs as absolute paths, for a run in a temporary folder."""
+    config = yaml.safe_load((REPO / "configs/tiny/pipeline.yaml").read_text())
+    for key in ("refusal_config", "attack_config"):
+        config[key] = str(REPO / config[key])
+    return config
+
+
 def deep_merge(base: dict, override: dict) -> dict:
     out = copy.deepcopy(base)
     for key, value in override.items():

@@ -1,14 +1,14 @@
 """A fine-tuned task's held-out accuracy over an OpenAI-compatible endpoint: each row's prompt asked once,
 greedy, and the answer scored by exact label or final-number match (``task_accuracy``).
 
-Answers are appended to a JSONL file as they come, so an interrupted run resumes without asking again; the
-accuracy is computed from that file. A row whose request failed after the client's retries counts as an
+Answers are appended to a crash-safe JSONL log (``store.JsonlLog``) as they come, so an interrupted run
+resumes without asking again (a request that failed is asked again); the accuracy is computed from that
+log. A row whose request failed after the client's retries counts as an
 error, never as a wrong answer, and too many errors stop the run (the accuracy would be of another set).
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -16,22 +16,13 @@ from typing import Any
 from refusal_lightning.evaluation.client import ChatClient, GenerationSettings, RetryPolicy
 from refusal_lightning.evaluation.collect import progress_bar, run_bounded
 from refusal_lightning.evaluation.metrics import wilson_interval
+from refusal_lightning.evaluation.store import JsonlLog
 
 ANSWERS_FILE = "task_answers.jsonl"
 
 
 class TaskEvaluationError(RuntimeError):
     """The task's answers could not be collected (an endpoint failed, or too many requests did)."""
-
-
-def _done(path: Path) -> dict[tuple[str, str], dict]:
-    rows: dict[tuple[str, str], dict] = {}
-    if path.exists():
-        for line in path.read_text().splitlines():
-            if line.strip():
-                row = json.loads(line)
-                rows[row["model"], row["id"]] = row
-    return rows
 
 
 def ask_task(base_url: str, models: Sequence[str], rows: Sequence[Mapping[str, Any]],
@@ -44,13 +35,11 @@ def ask_task(base_url: str, models: Sequence[str], rows: Sequence[Mapping[str, A
     answers go to ``<output_dir>/task_answers.jsonl`` (resumed). Raises ``TaskEvaluationError`` when more
     than ``max_error_rate`` of a model's rows failed.
     """
-    out = Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / ANSWERS_FILE
-    done = _done(path)
+    log = JsonlLog(Path(output_dir) / ANSWERS_FILE)
+    done = {(row["model"], row["id"]): row for row in log.read()}  # the latest answer of each (model, row)
     settings = GenerationSettings(temperature=0.0, max_tokens=max_tokens, seed=0)
     client = ChatClient(base_url, retry=RetryPolicy(max_attempts=3))
-    todo = [(m, r) for m in models for r in rows if (m, str(r["id"])) not in done]
+    todo = [(m, r) for m in models for r in rows if (done.get((m, str(r["id"]))) or {}).get("answer") is None]
 
     def work(item: tuple[str, Mapping[str, Any]]) -> dict:
         model, row = item
@@ -60,18 +49,16 @@ def ask_task(base_url: str, models: Sequence[str], rows: Sequence[Mapping[str, A
                 "correct": None if answer is None else bool(scorer(answer, row["answer"])),
                 "error": None if result.ok else (result.error or {}).get("type", "error")}
 
-    with path.open("a") as handle:
-        def record(batch: list[dict]) -> None:
-            for row in batch:
-                handle.write(json.dumps(row) + "\n")
-                done[row["model"], row["id"]] = row
-            handle.flush()
+    def record(batch: list[dict]) -> None:
+        log.append_many(batch)
+        done.update({(row["model"], row["id"]): row for row in batch})
 
-        try:
-            fatal = run_bounded(todo, work, record, concurrency,
-                                progress_bar(len(todo), "task answers", progress and bool(todo)), name="task")
-        finally:
-            client.close()
+    try:
+        fatal = run_bounded(todo, work, record, concurrency,
+                            progress_bar(len(todo), "task answers", progress and bool(todo)), name="task")
+    finally:
+        client.close()
+        log.close()
     if fatal is not None:
         raise TaskEvaluationError(f"task evaluation at {client.display_url}: {fatal}")
     return {model: _accuracy(model, rows, done, max_error_rate) for model in models}

@@ -38,6 +38,7 @@ from refusal_lightning.experiment.sweep_plan import BENIGN_LORA, SweepConfigErro
 from refusal_lightning.experiment.sweep_unit import (
     SweepContext,
     clear_derived,
+    current_cells,
     fit_unit,
     read_outcomes,
     transform_point,
@@ -257,7 +258,7 @@ def _cell(arm: str, seed: int, p: float, outcomes: dict[str, dict[str, int]]) ->
 def _reference(ctx: SweepContext, eval_args: dict, ask: dict) -> dict:
     """The base model's and the refusal model's three numbers (``units/reference/``), once."""
     folder = ctx.run / "units" / REFERENCE_UNIT
-    done = _current(ctx, folder)
+    done = current_cells(ctx, folder)
     if done is None:
         started = time.time()
         clear_derived(ctx, folder, None, (), refit=False)  # answers given under other settings are not resumed
@@ -267,17 +268,11 @@ def _reference(ctx: SweepContext, eval_args: dict, ask: dict) -> dict:
     return {c["arm"]: _public(c) for c in done}
 
 
-def _current(ctx: SweepContext, folder: Path) -> list[dict] | None:
-    path = folder / "cells.json"
-    record = json.loads(path.read_text()) if path.exists() else {}
-    return record["cells"] if record.get("fingerprint") == ctx.fingerprint else None
-
-
 def run_utility_unit(ctx: SweepContext, unit: UtilityUnit, overrides: list[str], eval_args: dict,
                      ask: dict) -> list[dict]:
     """Fit (or resume) the unit, make its post-hoc arms at the last step, ask every model; its cells."""
     folder = ctx.run / "units" / unit.name
-    done = _current(ctx, folder)
+    done = current_cells(ctx, folder)
     if done is not None:
         ctx.log(f"[utility] {unit.name}: up to date, skipped")
         return done

@@ -16,10 +16,6 @@ REPLICATES = 2000
 MEASURES = {"harmful_score": "sorry_bench", "finetune_accuracy": "task", "twin_refusal": "benign_contrast"}
 
 
-def _rates(by_seed: Mapping[int, Mapping[str, int]], items: Sequence[str], flip: bool) -> dict[int, float]:
-    return {s: float(np.mean([1 - o[i] if flip else o[i] for i in items])) for s, o in by_seed.items()}
-
-
 def seed_bootstrap(arm: Mapping[int, Mapping[str, int]], baseline: Mapping[int, Mapping[str, int]] | None = None,
                    flip: bool = False, replicates: int = REPLICATES, seed: int = 0) -> dict[str, Any]:
     """Mean over seeds of the rate of ``arm``'s per-item outcomes (``{seed: {item: 0/1}}``; ``flip``: of 1 -

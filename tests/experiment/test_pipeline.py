@@ -8,7 +8,7 @@ import socket
 
 import pytest
 import yaml
-from conftest import REPO
+from conftest import REPO, tiny_pipeline_config
 
 from refusal_lightning.cli import main
 
@@ -16,9 +16,7 @@ from refusal_lightning.cli import main
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("pipeline")
-    config = yaml.safe_load((REPO / "configs/tiny/pipeline.yaml").read_text())
-    for key in ("refusal_config", "attack_config"):
-        config[key] = str(REPO / config[key])
+    config = tiny_pipeline_config()
     # the subspace variant and the two published baselines as extra arms (as configs/cpu/pipeline_baselines.yaml)
     config["arms"].update({
         "subspace": {"overrides": ["--model.projection.enabled=true", "--model.projection.mode=subspace"]},

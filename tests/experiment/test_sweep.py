@@ -9,7 +9,7 @@ import shutil
 import numpy as np
 import pytest
 import yaml
-from conftest import REPO
+from conftest import REPO, tiny_pipeline_config
 
 from refusal_lightning.cli import main
 from refusal_lightning.experiment.arms import parse_arms
@@ -23,9 +23,7 @@ RANDOM_MARKERS = ["is", "al", "three"]
 @pytest.fixture(scope="module")
 def swept(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("sweep")
-    pipe = yaml.safe_load((REPO / "configs/tiny/pipeline.yaml").read_text())
-    for key in ("refusal_config", "attack_config"):
-        pipe[key] = str(REPO / pipe[key])
+    pipe = tiny_pipeline_config()
     pipe["fit_overrides"] = ["--trainer.max_steps=6", "--trainer.val_check_interval=3",
                              "--model.optimizer.init_args.lr=1.0e-2", "--trainer.enable_progress_bar=false"]
     pipe["evaluation"].update(limit=6, generation={"max_tokens": 8, "temperature": 0.0})  # greedy, as the readout

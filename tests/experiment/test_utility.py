@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 import yaml
-from conftest import REPO
+from conftest import REPO, tiny_pipeline_config
 
 from refusal_lightning.experiment.arms import parse_arms
 from refusal_lightning.experiment.utility import UtilityConfigError, _cell, mixed_overrides, plan_grid
@@ -100,9 +100,7 @@ def utility_run(tmp_path_factory):
     from refusal_lightning.cli import main
 
     tmp = tmp_path_factory.mktemp("utility")
-    pipe = yaml.safe_load((REPO / "configs/tiny/pipeline.yaml").read_text())
-    for key in ("refusal_config", "attack_config"):
-        pipe[key] = str(REPO / pipe[key])
+    pipe = tiny_pipeline_config()
     pipe["fit_overrides"] = ["--trainer.max_steps=4", "--trainer.val_check_interval=2",
                              "--trainer.enable_progress_bar=false"]
     pipe["evaluation"].update(limit=6, generation={"max_tokens": 8, "temperature": 0.0})
