@@ -157,12 +157,19 @@ def utility(
             whose refusals are the over-refusal reported here).
     """
     from refusal_lightning.evaluation.task_accuracy import task_scorer
-    from refusal_lightning.train.task_data import TaskData, load_task_rows
+    from refusal_lightning.train.harmfulqa import DataSourceError
+    from refusal_lightning.train.task_data import check_task, load_task_rows
 
-    ctx, declared, _, sweep_seeds = sweep_context(sweep)
     if not task or not heldout:
         raise UtilityConfigError("utility needs task: {source, format} and heldout: {source, format, split}")
-    train_task, heldout_task = TaskData(**task), TaskData(**heldout)
+    checked = {}
+    for where, section in (("task", task), ("heldout", heldout)):  # a bad key or format: named by its section
+        try:
+            checked[where] = check_task(section)
+        except DataSourceError as exc:
+            raise UtilityConfigError(f"utility {where}: {str(exc).removeprefix('data.task: ')}") from None
+    train_task, heldout_task = checked["task"], checked["heldout"]
+    ctx, declared, _, sweep_seeds = sweep_context(sweep)  # the settings first: nothing is read before they pass
     rows = load_task_rows(heldout_task)[:heldout_limit]
     scorer = task_scorer(heldout_task.format)
     harmful = {"source": ctx.attack_data.get("source", "sample"), "thread": "red", "half": "attacker",

@@ -189,3 +189,15 @@ def test_the_controls_script_counts_label_answers_and_one_label_accuracy(tmp_pat
     got = controls.unit_controls(unit, {"positive", "negative"})["vanilla"]
     assert (got["harmful_answers"], got["label_answers"]) == (3, 2)  # the benign answer is not counted
     assert got["task_first_words"] == {"positive": 2, "negative": 1}
+
+
+def test_a_bad_task_section_is_one_error_naming_the_section(tmp_path):
+    from refusal_lightning.experiment.utility import utility
+
+    sweep = str(REPO / "configs/tiny/sweep.yaml")
+    task = {"source": "x.jsonl"}
+    cases = (({"source": "x.jsonl", "fromat": "sst2"}, "task"), ({"source": "x", "format": "csv"}, "heldout"))
+    for bad, where in cases:
+        args = {"task": bad, "heldout": task} if where == "task" else {"task": task, "heldout": bad}
+        with pytest.raises(UtilityConfigError, match=f"^utility {where}: "):
+            utility(sweep=sweep, run_dir=str(tmp_path), **args)
