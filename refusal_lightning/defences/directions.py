@@ -176,10 +176,32 @@ def _check_format(obj: Any, where: str) -> None:
         raise DirectionsError(f"{where}: entries missing fields {list(MODULE_KEYS)}: {broken[:_MAX_LISTED]}")
 
 
+def same_content(a: Any, b: Any) -> bool:
+    """Whether two directions objects hold the same values, their ``created_utc`` aside."""
+    if isinstance(a, Mapping) and isinstance(b, Mapping):
+        keys = set(a) - {"created_utc"}
+        return keys == set(b) - {"created_utc"} and all(same_content(a[k], b[k]) for k in keys)
+    if torch.is_tensor(a) or torch.is_tensor(b):
+        return torch.is_tensor(a) and torch.is_tensor(b) and a.dtype == b.dtype and torch.equal(a, b)
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(same_content(x, y) for x, y in zip(a, b, strict=True))
+    return type(a) is type(b) and a == b
+
+
 def save_directions(obj: Mapping[str, Any], path: str | os.PathLike) -> Path:
-    """Write a directions object atomically (``torch.save``; loadable with ``weights_only=True``)."""
+    """Write a directions object atomically (``torch.save``; loadable with ``weights_only=True``).
+
+    A file already there with the same values (``same_content``) is kept byte for byte, so recomputing the
+    directions of an unchanged refusal adapter does not change the file's checksum, which the sweep's units
+    are fingerprinted with (a new ``created_utc`` alone would otherwise make every unit stale)."""
     _check_format(obj, "the object to save")
     out = Path(path)
+    if out.is_file():
+        try:
+            if same_content(load_directions(out), obj):
+                return out
+        except DirectionsError:
+            pass  # not a directions file (or a torn one): overwrite it
     atomic_write(out, lambda tmp: torch.save(dict(obj), tmp))
     return out
 

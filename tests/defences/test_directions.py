@@ -68,6 +68,26 @@ def cfg(path: Path | str | None, **kw) -> ProjectionConfig:
 
 
 # ------------------------------------------------------------------------------- computing + file
+def test_recomputing_unchanged_directions_keeps_the_file_byte_for_byte(refusal, tmp_path):
+    """A sweep fingerprints its units with the directions file's checksum: a new ``created_utc`` alone must not
+    rewrite it; a changed value must."""
+    _, adapter, _ = refusal
+    out = Path(directions(str(adapter), output_path=str(tmp_path / "d.pt")))
+    before = out.read_bytes()
+    obj = load_directions(out)
+    obj["metadata"]["created_utc"] = "2000-01-01T00:00:00+00:00"
+    save_directions(obj, out)
+    assert out.read_bytes() == before
+    name = next(iter(obj["modules"]))
+    obj["modules"][name]["S"] = obj["modules"][name]["S"] * 2
+    save_directions(obj, out)
+    assert out.read_bytes() != before and torch.equal(load_directions(out)["modules"][name]["S"],
+                                                      obj["modules"][name]["S"])
+    out.write_bytes(b"torn")  # not a directions file: overwritten, not an error
+    save_directions(obj, out)
+    assert load_directions(out)["metadata"]["created_utc"] == "2000-01-01T00:00:00+00:00"
+
+
 def test_round_trip_matches_the_adapter(refusal, tiny_model_dir):
     model, adapter, path = refusal
     obj = torch.load(path, weights_only=True)  # plain containers only: no arbitrary unpickling
