@@ -78,6 +78,7 @@ def readout(
     causal_seed: int | None = None,
     max_new_tokens: int = 8,
     batch_size: int = 16,
+    layer: int | None = None,
 ) -> dict[str, Any]:
     """Read the refusal direction along a finished sweep's trajectories (see the module docstring).
 
@@ -94,6 +95,8 @@ def readout(
         causal_seed: the seed of those checks (default: the first read).
         max_new_tokens: answer length of the causal checks (the sweep's metric: its own ``max_tokens``).
         batch_size: prompts per forward pass.
+        layer: read the direction at this decoder layer instead of the rule's (one the refusal LoRA touches);
+            its output goes to ``readout/layer<L>/`` and leaves the sweep's cells (the rule's layer) alone.
     """
     from refusal_lightning.experiment.sweep import sweep_context
 
@@ -105,7 +108,7 @@ def readout(
         raise ReadoutError(f"readout: arms {unknown} are not in {sweep} (its arms: {', '.join(names)}, "
                            f"and {CONTROL})")
     chosen_seeds = list(seeds if seeds is not None else sweep_seeds)
-    out_dir = ctx.run / READOUT_DIR
+    out_dir = ctx.run / READOUT_DIR if layer is None else ctx.run / READOUT_DIR / f"layer{layer}"
     out_dir.mkdir(parents=True, exist_ok=True)
     started = time.time()
     prompts = readout_prompts(ctx.attack_data, harmless_prompts, max_prompts)
@@ -113,7 +116,7 @@ def readout(
     template = template_kwargs(ctx.last_eval)
     ids = {k: chat_prompt_ids(tokenizer, v, template) for k, v in prompts.items()}
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    ref = reference_direction(model, ids, pad, touched_layers(ctx.refusal_dir), batch_size)
+    ref = reference_direction(model, ids, pad, touched_layers(ctx.refusal_dir), batch_size, layer)
     fingerprint = {"format": 2, "refusal_adapter": file_sha256(ctx.refusal_dir / WEIGHTS_FILE)[:16],
                    "layer": ref["layer"], "max_prompts": max_prompts, "harmless": str(harmless_prompts)}
     cache_path = out_dir / "points.json"
@@ -138,8 +141,9 @@ def readout(
                            _causal_arms(causal_arms, names), causal_seed if causal_seed is not None
                            else chosen_seeds[0], max_new_tokens, batch_size)
     read = {n: p for n, p in cache["points"].items() if n in points}
-    result = {"layer": ref["layer"], "layer_rule": "highest harmful/harmless separation (pooled SDs) among the "
-              "layers the refusal LoRA touches", "allowed_layers": ref["allowed"],
+    rule = ("highest harmful/harmless separation (pooled SDs) among the layers the refusal LoRA touches"
+            if layer is None else "given (--layer)")
+    result = {"layer": ref["layer"], "layer_rule": rule, "allowed_layers": ref["allowed"],
               "separation": [round(float(x), 4) for x in ref["separation"]],
               "reference": {k: ref[k] for k in ("harmful_ref", "harmless_ref")},
               "summary": suppression_summary(read, ref),
@@ -150,7 +154,8 @@ def readout(
     atomic_write_text(out_dir / "readout.json", json.dumps(result, indent=1) + "\n")
     torch.save({"layer": ref["layer"], "direction": ref["direction"], "directions": ref["directions"]},
                out_dir / DIRECTION_FILE)
-    annotate_sweep_results(ctx.run / "results.json", cache["points"])
+    if layer is None:  # the sweep's cells hold the rule's layer
+        annotate_sweep_results(ctx.run / "results.json", cache["points"])
     from refusal_lightning.experiment.readout_plot import plot_readout
 
     plot_readout(result, out_dir / "readout_suppression_vs_step.png")
@@ -197,14 +202,17 @@ def touched_layers(adapter_dir: Path) -> list[int]:
         return sorted({int(m.group(1)) for k in f.keys() if (m := re.search(r"\.layers\.(\d+)\.", k))})
 
 
-def reference_direction(model: Any, ids: Mapping[str, list], pad: int, allowed: list[int], batch_size: int
-                        ) -> dict[str, Any]:
-    """The refusal model's direction at the chosen layer, every layer's separation, and the reference
-    projections (held-out harmful, harmless)."""
+def reference_direction(model: Any, ids: Mapping[str, list], pad: int, allowed: list[int], batch_size: int,
+                        layer: int | None = None) -> dict[str, Any]:
+    """The refusal model's direction at the chosen layer (``layer``, else the rule's), every layer's
+    separation, and the reference projections (held-out harmful, harmless)."""
+    if layer is not None and layer not in allowed:
+        raise ReadoutError(f"readout: --layer {layer} is not a layer the refusal LoRA touches (those are "
+                           f"{', '.join(map(str, allowed))}); below them nothing changes by construction")
     acts = {k: last_token_residuals(model, v, pad, batch_size) for k, v in ids.items()}
     directions = mean_difference(acts["harmful_defender"], acts["harmless"])
     scores = separation(acts["harmful_defender"], acts["harmless"], directions)
-    layer = pick_layer(scores, allowed)
+    layer = pick_layer(scores, allowed) if layer is None else layer
     direction = unit(directions[layer])
     harmful, harmless = _projections(acts["harmful_heldout"][layer], direction), _projections(
         acts["harmless"][layer], direction)

@@ -374,6 +374,30 @@ def test_readout_follows_the_direction_along_every_trajectory_and_resumes(swept,
                                         if line.startswith("[readout]") and "/" in line.split(":")[0])
 
 
+def test_readout_at_a_given_layer_writes_beside_the_rule_and_leaves_the_cells_alone(swept, capsys):
+    tmp, _ = swept
+    base = ["readout", "--sweep", str(tmp / "sweep.yaml"), "--max_prompts", "5", "--batch_size", "3",
+            "--arms", "[vanilla]", "--seeds", f"[{SEEDS[0]}]", "--causal_arms", "[]"]
+    results = tmp / "sweep" / "results.json"
+    main(base)
+    ruled = json.loads((tmp / "sweep" / "readout" / "readout.json").read_text())
+    cells_before = results.read_text()
+    other = next(i for i in ruled["allowed_layers"] if i != ruled["layer"])
+    main([*base, "--layer", str(other)])
+    given = json.loads((tmp / "sweep" / "readout" / f"layer{other}" / "readout.json").read_text())
+    assert given["layer"] == other and given["layer_rule"] == "given (--layer)"
+    last = given["summary"]["vanilla"][str(STEPS[-1])]["mean"]
+    assert last != pytest.approx(ruled["summary"]["vanilla"][str(STEPS[-1])]["mean"], abs=1e-6)  # another layer
+    assert json.loads((tmp / "sweep" / "readout" / "readout.json").read_text()) == ruled  # the rule's, kept
+    assert results.read_text() == cells_before  # the sweep's cells keep the rule's layer
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exc:
+        main([*base, "--layer", "7"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "--layer 7" in err and ", ".join(map(str, ruled["allowed_layers"])) in err
+
+
 def test_readout_names_an_unknown_arm(swept):
     tmp, _ = swept
     with pytest.raises(SystemExit) as exc:
