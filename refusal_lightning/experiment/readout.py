@@ -108,6 +108,10 @@ def readout(
         raise ReadoutError(f"readout: arms {unknown} are not in {sweep} (its arms: {', '.join(names)}, "
                            f"and {CONTROL})")
     chosen_seeds = list(seeds if seeds is not None else sweep_seeds)
+    allowed = touched_layers(ctx.refusal_dir)
+    if layer is not None and layer not in allowed:  # before any folder is made or model loaded
+        raise ReadoutError(f"readout: --layer {layer} is not a layer the refusal LoRA touches (those are "
+                           f"{', '.join(map(str, allowed))}); below them nothing changes by construction")
     out_dir = ctx.run / READOUT_DIR if layer is None else ctx.run / READOUT_DIR / f"layer{layer}"
     out_dir.mkdir(parents=True, exist_ok=True)
     started = time.time()
@@ -116,7 +120,7 @@ def readout(
     template = template_kwargs(ctx.last_eval)
     ids = {k: chat_prompt_ids(tokenizer, v, template) for k, v in prompts.items()}
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    ref = reference_direction(model, ids, pad, touched_layers(ctx.refusal_dir), batch_size, layer)
+    ref = reference_direction(model, ids, pad, allowed, batch_size, layer)
     fingerprint = {"format": 2, "refusal_adapter": file_sha256(ctx.refusal_dir / WEIGHTS_FILE)[:16],
                    "layer": ref["layer"], "max_prompts": max_prompts, "harmless": str(harmless_prompts)}
     cache_path = out_dir / "points.json"
@@ -204,11 +208,8 @@ def touched_layers(adapter_dir: Path) -> list[int]:
 
 def reference_direction(model: Any, ids: Mapping[str, list], pad: int, allowed: list[int], batch_size: int,
                         layer: int | None = None) -> dict[str, Any]:
-    """The refusal model's direction at the chosen layer (``layer``, else the rule's), every layer's
-    separation, and the reference projections (held-out harmful, harmless)."""
-    if layer is not None and layer not in allowed:
-        raise ReadoutError(f"readout: --layer {layer} is not a layer the refusal LoRA touches (those are "
-                           f"{', '.join(map(str, allowed))}); below them nothing changes by construction")
+    """The refusal model's direction at the chosen layer (``layer``, one of ``allowed``; else the rule's),
+    every layer's separation, and the reference projections (held-out harmful, harmless)."""
     acts = {k: last_token_residuals(model, v, pad, batch_size) for k, v in ids.items()}
     directions = mean_difference(acts["harmful_defender"], acts["harmless"])
     scores = separation(acts["harmful_defender"], acts["harmless"], directions)

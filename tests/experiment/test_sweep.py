@@ -396,6 +396,7 @@ def test_readout_at_a_given_layer_writes_beside_the_rule_and_leaves_the_cells_al
     assert exc.value.code == 2
     err = capsys.readouterr().err
     assert "--layer 7" in err and ", ".join(map(str, ruled["allowed_layers"])) in err
+    assert not (tmp / "sweep" / "readout" / "layer7").exists()  # refused before any folder is made
 
 
 def test_readout_names_an_unknown_arm(swept):
